@@ -1,0 +1,197 @@
+"""Blocks inside NVAE residual cells: SE gate, inverted residual, skip paths.
+
+Spec sections 1.7-1.9 (Vahdat & Kautz, 2020, Fig. 3 and the official code).
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
+from nvae_tf.layers.norm import BatchNorm
+
+SE_REDUCTION = 16  # SE bottleneck = channels // 16 ...
+SE_MIN_HIDDEN = 4  # ... but at least 4 units, as the official code.
+
+
+def _conv_shape(input_shape, channels, size_factor=1.0):
+    size = input_shape[1]
+    if size is not None:
+        size = int(size * size_factor)
+    return (input_shape[0], size, size, channels)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class SqueezeExcite(keras.layers.Layer):
+    """x * sigmoid(W2 relu(W1 mean_hw(x) + b1) + b2), per channel."""
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        hidden = max(channels // SE_REDUCTION, SE_MIN_HIDDEN)
+        self.squeeze = keras.layers.Dense(
+            hidden, activation="relu", name="squeeze",
+            kernel_initializer=_uniform(channels),
+            bias_initializer=_uniform(channels), dtype=self.dtype_policy)
+        self.excite = keras.layers.Dense(
+            channels, activation="sigmoid", name="excite",
+            kernel_initializer=_uniform(hidden),
+            bias_initializer=_uniform(hidden), dtype=self.dtype_policy)
+        self.squeeze.build((None, channels))
+        self.excite.build((None, hidden))
+
+    def call(self, inputs):
+        gate = self.excite(self.squeeze(tf.reduce_mean(inputs, axis=(1, 2))))
+        return inputs * gate[:, None, None, :]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _uniform(fan_in):
+    """PyTorch's default Linear/Conv initialiser, U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class InvertedResidual(keras.layers.Layer):
+    """MobileNetV2 block of NVAE decoder cells (no internal skip).
+
+    [nearest x2 up] -> BN -> 1x1 expand + BN-Swish -> depthwise kxk + BN-Swish
+    -> 1x1 project -> BN. The hidden width is round(expansion * C_in).
+
+    Args:
+      filters: output channels.
+      strides: 1, 2 or -1 (nearest up-sampling first).
+      expansion: hidden width factor (6 in decoder cells, 3 in post-process).
+      kernel_size: depthwise kernel side (5).
+      dilation_rate: depthwise dilation.
+      sync_batchnorm: synchronise BN statistics across replicas.
+    """
+
+    def __init__(self, filters, strides=1, expansion=6, kernel_size=5,
+                 dilation_rate=1, sync_batchnorm=False, **kwargs):
+        super().__init__(**kwargs)
+        if strides not in (1, 2, -1):
+            raise ValueError(f"strides={strides!r}; expected 1, 2 or -1.")
+        self.filters = filters
+        self.strides = strides
+        self.expansion = expansion
+        self.kernel_size = kernel_size
+        self.dilation_rate = dilation_rate
+        self.sync_batchnorm = sync_batchnorm
+
+    def build(self, input_shape):
+        in_channels = input_shape[-1]
+        hidden = int(round(in_channels * self.expansion))
+        kw = dict(dtype=self.dtype_policy)
+        sync = self.sync_batchnorm
+        self.bn_in = BatchNorm(synchronized=sync, name="bn_in", **kw)
+        self.expand = ConvBNSwish(hidden, 1, sync_batchnorm=sync,
+                                  name="expand", **kw)
+        self.depthwise = ConvBNSwish(
+            hidden, self.kernel_size, strides=max(self.strides, 1),
+            depthwise=True, dilation_rate=self.dilation_rate,
+            sync_batchnorm=sync, name="depthwise", **kw)
+        self.project = WeightNormConv2D(self.filters, 1, use_bias=False,
+                                        weight_norm=False, name="project",
+                                        **kw)
+        self.bn_out = BatchNorm(synchronized=sync, name="bn_out", **kw)
+        up = 2.0 if self.strides == -1 else 1.0
+        shape = _conv_shape(input_shape, in_channels, up)
+        self.bn_in.build(shape)
+        self.expand.build(shape)
+        self.depthwise.build(_conv_shape(shape, hidden))
+        shape = self.depthwise.compute_output_shape(_conv_shape(shape, hidden))
+        self.project.build(shape)
+        self.bn_out.build(_conv_shape(shape, self.filters))
+
+    def call(self, inputs, training=None):
+        x = upsample_nearest(inputs) if self.strides == -1 else inputs
+        x = self.bn_in(x, training=training)
+        x = self.expand(x, training=training)
+        x = self.depthwise(x, training=training)
+        return self.bn_out(self.project(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        factor = {1: 1.0, 2: 0.5, -1: 2.0}[self.strides]
+        return _conv_shape(input_shape, self.filters, factor)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, strides=self.strides,
+                      expansion=self.expansion, kernel_size=self.kernel_size,
+                      dilation_rate=self.dilation_rate,
+                      sync_batchnorm=self.sync_batchnorm)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class FactorizedReduce(keras.layers.Layer):
+    """Down-sampling skip: Swish, four shifted 1x1 stride-2 convs, concat.
+
+    The four convolutions see the input shifted by (0,0), (1,1), (0,1) and
+    (1,0) pixels (rows, cols), so together they cover every input pixel.
+    """
+
+    # (row offset, column offset) of each branch, in concatenation order.
+    SHIFTS = ((0, 0), (1, 1), (0, 1), (1, 0))
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        if filters < 4:
+            raise ValueError(f"filters={filters}; expected >= 4.")
+        self.filters = filters
+
+    def build(self, input_shape):
+        quarter = self.filters // 4
+        widths = (quarter, quarter, quarter, self.filters - 3 * quarter)
+        self.convs = [
+            WeightNormConv2D(w, 1, strides=2, name=f"conv_{i + 1}",
+                             dtype=self.dtype_policy)
+            for i, w in enumerate(widths)]
+        for conv in self.convs:
+            conv.build(input_shape)
+
+    def call(self, inputs):
+        x = tf.nn.silu(inputs)
+        outputs = [conv(x[:, dr:, dc:, :])
+                   for conv, (dr, dc) in zip(self.convs, self.SHIFTS)]
+        return tf.concat(outputs, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return _conv_shape(input_shape, self.filters, 0.5)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class UpsampleSkip(keras.layers.Layer):
+    """Up-sampling skip: bilinear x2 (align_corners=True), 1x1 conv, no bias."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+
+    def build(self, input_shape):
+        self.conv = WeightNormConv2D(self.filters, 1, use_bias=False,
+                                     name="conv", dtype=self.dtype_policy)
+        self.conv.build(_conv_shape(input_shape, input_shape[-1], 2.0))
+
+    def call(self, inputs):
+        size = tf.shape(inputs)[1:3] * 2
+        up = tf.compat.v1.image.resize_bilinear(inputs, size,
+                                                align_corners=True)
+        return self.conv(tf.cast(up, inputs.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return _conv_shape(input_shape, self.filters, 2.0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters)
+        return config

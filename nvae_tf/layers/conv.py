@@ -1,0 +1,293 @@
+"""Weight-normalised convolutions and the two convolution units of NVAE.
+
+`WeightNormConv2D` is NVAE's own `Conv2D`: the kernel direction v is a free
+parameter and the per-output-channel gain is stored in log space,
+
+    W[o] = exp(log_weight_norm[o]) * v[o] / (||v[o]|| + 1e-5),
+
+initialised with PyTorch's default U(+-1/sqrt(fan_in)) kernel and bias and
+`log_weight_norm = log(||v|| + 0.01)` (Vahdat & Kautz, 2020, and the official
+code; spec section 1.1). Padding is symmetric as in PyTorch.
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from nvae_tf.layers.norm import BatchNorm
+
+WEIGHT_NORM_EPS = 1e-5  # added to ||v|| in the denominator
+LOG_WEIGHT_NORM_INIT_EPS = 0.01  # log_weight_norm starts at log(||v|| + 0.01)
+
+
+def _pytorch_uniform(bound):
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class WeightNormConv2D(keras.layers.Layer):
+    """2-D convolution with NVAE weight normalisation and symmetric padding.
+
+    Args:
+      filters: output channels (must equal the input channels if depthwise).
+      kernel_size: odd square kernel side.
+      strides: 1 or 2.
+      padding: symmetric zero padding in pixels (PyTorch's `padding`).
+      dilation_rate: kernel dilation.
+      depthwise: one filter per input channel (PyTorch `groups=C_in`).
+      use_bias: add a bias.
+      weight_norm: apply weight normalisation (else the raw kernel is used).
+      gain_init_scale: multiplies the initial gain (flows use 0.1).
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding=0,
+                 dilation_rate=1, depthwise=False, use_bias=True,
+                 weight_norm=True, gain_init_scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        if filters < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"filters={filters}, kernel_size={kernel_size}: "
+                             "expected filters >= 1 and an odd kernel size.")
+        if strides not in (1, 2):
+            raise ValueError(f"strides={strides!r}; expected 1 or 2.")
+        if padding < 0 or dilation_rate < 1:
+            raise ValueError(f"padding={padding}, dilation_rate="
+                             f"{dilation_rate}: expected >= 0 and >= 1.")
+        if gain_init_scale <= 0:
+            raise ValueError(f"gain_init_scale={gain_init_scale}; expected > 0.")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.dilation_rate = dilation_rate
+        self.depthwise = depthwise
+        self.use_bias = use_bias
+        self.weight_norm = weight_norm
+        self.gain_init_scale = gain_init_scale
+
+    # A subclass may return a 0/1 array shaped like the kernel (masked convs).
+    def kernel_mask(self, in_channels):
+        del in_channels
+        return None
+
+    def build(self, input_shape):
+        in_channels = input_shape[-1]
+        k = self.kernel_size
+        if self.depthwise:
+            if in_channels != self.filters:
+                raise ValueError(
+                    f"{self.name}: depthwise conv needs filters == input "
+                    f"channels, got {self.filters} and {in_channels}.")
+            shape = (k, k, in_channels, 1)
+            fan_in = k * k
+        else:
+            shape = (k, k, in_channels, self.filters)
+            fan_in = in_channels * k * k
+        bound = 1.0 / math.sqrt(fan_in)
+        mask = self.kernel_mask(in_channels)
+        self._mask = None if mask is None else tf.constant(mask, tf.float32)
+        self.kernel = self.add_weight(shape=shape,
+                                      initializer=_pytorch_uniform(bound),
+                                      name="kernel")
+        if self.use_bias:
+            self.bias = self.add_weight(shape=(self.filters,),
+                                        initializer=_pytorch_uniform(bound),
+                                        name="bias")
+        if self.weight_norm:
+            scale = self.gain_init_scale
+
+            def init_gain(shape, dtype=None):
+                norm = tf.reshape(self._kernel_norm(self._masked_kernel()),
+                                  shape)
+                return tf.math.log(norm + LOG_WEIGHT_NORM_INIT_EPS) + \
+                    math.log(scale)
+
+            self.log_weight_norm = self.add_weight(
+                shape=(self.filters,), initializer=init_gain,
+                name="log_weight_norm")
+
+    @property
+    def _norm_axes(self):
+        # Everything except the output-channel axis of the Keras layout.
+        return (0, 1, 3) if self.depthwise else (0, 1, 2)
+
+    def _masked_kernel(self):
+        kernel = tf.convert_to_tensor(self.kernel)
+        if self._mask is not None:
+            kernel = kernel * self._mask
+        return kernel
+
+    def _kernel_norm(self, kernel):
+        return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=self._norm_axes,
+                                     keepdims=True))
+
+    def effective_kernel(self):
+        """The kernel the convolution uses (masked and weight-normalised)."""
+        kernel = self._masked_kernel()
+        if not self.weight_norm:
+            return kernel
+        gain_shape = (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1)
+        gain = tf.reshape(tf.exp(self.log_weight_norm), gain_shape)
+        return gain * kernel / (self._kernel_norm(kernel) + WEIGHT_NORM_EPS)
+
+    def spectral_matrix(self):
+        """Effective kernel as [out, in/groups * kh * kw] for spectral reg."""
+        kernel = self.effective_kernel()
+        perm = (2, 0, 1, 3) if self.depthwise else (3, 0, 1, 2)
+        rows = self.filters
+        return tf.reshape(tf.transpose(kernel, perm), (rows, -1))
+
+    def _padding_arg(self):
+        span = self.dilation_rate * (self.kernel_size - 1)
+        if self.padding == 0:
+            return "VALID"
+        if self.strides == 1 and 2 * self.padding == span:
+            return "SAME"  # identical to symmetric padding at stride 1
+        p = self.padding
+        return [[0, 0], [p, p], [p, p], [0, 0]]
+
+    def call(self, inputs):
+        kernel = tf.cast(self.effective_kernel(), inputs.dtype)
+        padding = self._padding_arg()
+        dilations = (self.dilation_rate, self.dilation_rate)
+        if self.depthwise:
+            y = tf.nn.depthwise_conv2d(
+                inputs, kernel, (1, self.strides, self.strides, 1), padding,
+                dilations=dilations)
+        else:
+            y = tf.nn.conv2d(inputs, kernel, self.strides, padding,
+                             dilations=dilations)
+        if self.use_bias:
+            y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
+        return y
+
+    def compute_output_shape(self, input_shape):
+        size = input_shape[1]
+        if size is not None:
+            span = self.dilation_rate * (self.kernel_size - 1)
+            size = (size + 2 * self.padding - span - 1) // self.strides + 1
+        return (input_shape[0], size, size, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size,
+                      strides=self.strides, padding=self.padding,
+                      dilation_rate=self.dilation_rate,
+                      depthwise=self.depthwise, use_bias=self.use_bias,
+                      weight_norm=self.weight_norm,
+                      gain_init_scale=self.gain_init_scale)
+        return config
+
+
+def upsample_nearest(x):
+    """Nearest-neighbour x2 up-sampling (NHWC)."""
+    return tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class ConvBNSwish(keras.layers.Layer):
+    """Conv (no weight norm, no bias) -> BN -> Swish (official ConvBNSwish).
+
+    Args:
+      filters: output channels.
+      kernel_size: odd kernel side; padding is `dilation * (k - 1) // 2`.
+      strides: 1 or 2.
+      depthwise: depthwise convolution (official `groups = channels`).
+      dilation_rate: kernel dilation.
+      sync_batchnorm: synchronise BN statistics across replicas.
+    """
+
+    def __init__(self, filters, kernel_size=3, strides=1, depthwise=False,
+                 dilation_rate=1, sync_batchnorm=False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.depthwise = depthwise
+        self.dilation_rate = dilation_rate
+        self.sync_batchnorm = sync_batchnorm
+        self.conv = WeightNormConv2D(
+            filters, kernel_size, strides=strides,
+            padding=dilation_rate * (kernel_size - 1) // 2,
+            dilation_rate=dilation_rate, depthwise=depthwise, use_bias=False,
+            weight_norm=False, name="conv", dtype=self.dtype_policy)
+        self.bn = BatchNorm(activation="swish", synchronized=sync_batchnorm,
+                            name="bn", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        self.bn.build(self.conv.compute_output_shape(input_shape))
+
+    def call(self, inputs, training=None):
+        return self.bn(self.conv(inputs), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size,
+                      strides=self.strides, depthwise=self.depthwise,
+                      dilation_rate=self.dilation_rate,
+                      sync_batchnorm=self.sync_batchnorm)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class BNSwishConv(keras.layers.Layer):
+    """BN -> Swish -> [nearest x2 up] -> weight-normalised conv with bias.
+
+    Args:
+      filters: output channels.
+      kernel_size: odd kernel side (official: 3).
+      strides: 1, 2 (down-sampling conv) or -1 (nearest up-sampling first).
+      dilation_rate: 1 (`res_bnswish`) or 2 (`res_bnswish5`); padding keeps
+        the size at stride 1.
+      sync_batchnorm: synchronise BN statistics across replicas.
+    """
+
+    def __init__(self, filters, kernel_size=3, strides=1, dilation_rate=1,
+                 sync_batchnorm=False, **kwargs):
+        super().__init__(**kwargs)
+        if strides not in (1, 2, -1):
+            raise ValueError(f"strides={strides!r}; expected 1, 2 or -1.")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.dilation_rate = dilation_rate
+        self.sync_batchnorm = sync_batchnorm
+        self.bn = BatchNorm(activation="swish", synchronized=sync_batchnorm,
+                            name="bn", dtype=self.dtype_policy)
+        self.conv = WeightNormConv2D(
+            filters, kernel_size, strides=abs(strides),
+            padding=dilation_rate * (kernel_size - 1) // 2,
+            dilation_rate=dilation_rate, use_bias=True, weight_norm=True,
+            name="conv", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.bn.build(input_shape)
+        shape = list(input_shape)
+        if self.strides == -1 and shape[1] is not None:
+            shape[1], shape[2] = 2 * shape[1], 2 * shape[2]
+        self.conv.build(tuple(shape))
+
+    def call(self, inputs, training=None):
+        y = self.bn(inputs, training=training)
+        if self.strides == -1:
+            y = upsample_nearest(y)
+        return self.conv(y)
+
+    def compute_output_shape(self, input_shape):
+        size = input_shape[1]
+        if size is not None:
+            size = size * 2 if self.strides == -1 else \
+                (size - 1) // abs(self.strides) + 1
+        return (input_shape[0], size, size, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, kernel_size=self.kernel_size,
+                      strides=self.strides, dilation_rate=self.dilation_rate,
+                      sync_batchnorm=self.sync_batchnorm)
+        return config

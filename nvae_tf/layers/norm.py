@@ -1,0 +1,109 @@
+"""Batch normalisation with the official NVAE (PyTorch) conventions.
+
+Keras' `BatchNormalization` updates its moving variance with the biased batch
+variance; PyTorch (and so the official NVAE) uses the unbiased one. NVAE also
+fuses BN with Swish and synchronises statistics across GPUs. This layer does
+all three: it normalises with the biased variance, keeps PyTorch's running
+statistics, and with `synchronized=True` reduces the batch moments over all
+replicas of a `tf.distribute` strategy.
+"""
+
+import keras
+import tensorflow as tf
+
+BN_MOMENTUM = 0.95  # Keras convention; PyTorch/NVAE momentum 0.05.
+BN_EPSILON = 1e-5
+
+ACTIVATIONS = (None, "swish")
+
+
+@keras.saving.register_keras_serializable(package="nvae_tf")
+class BatchNorm(keras.layers.Layer):
+    """Batch normalisation over N, H, W of NHWC input, optionally + Swish.
+
+    Args:
+      activation: `None` or `"swish"` (the official fused BN-Swish).
+      synchronized: reduce batch moments across replicas (official SyncBN).
+      momentum: Keras-style momentum of the moving statistics.
+      epsilon: added to the variance.
+    """
+
+    def __init__(self, activation=None, synchronized=False,
+                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs):
+        super().__init__(**kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}; expected one of "
+                             f"{ACTIVATIONS}.")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum={momentum!r}; expected [0, 1).")
+        self.activation = activation
+        self.synchronized = synchronized
+        self.momentum = momentum
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones",
+                                     name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros",
+                                    name="beta")
+        self.moving_mean = self.add_weight(
+            shape=(channels,), initializer="zeros", trainable=False,
+            aggregation="mean", name="moving_mean")
+        self.moving_variance = self.add_weight(
+            shape=(channels,), initializer="ones", trainable=False,
+            aggregation="mean", name="moving_variance")
+
+    def _batch_moments(self, x):
+        """Mean, biased and unbiased variance over N, H, W (all replicas)."""
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        total = tf.reduce_sum(x, axis=(0, 1, 2))
+        total_sq = tf.reduce_sum(tf.square(x), axis=(0, 1, 2))
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            total, total_sq, count = ctx.all_reduce(
+                tf.distribute.ReduceOp.SUM, [total, total_sq, count])
+        mean = total / count
+        variance = tf.maximum(total_sq / count - tf.square(mean), 0.0)
+        unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
+        return mean, variance, unbiased
+
+    def call(self, inputs, training=None):
+        x = tf.cast(inputs, tf.float32)
+        gamma = tf.convert_to_tensor(self.gamma)
+        beta = tf.convert_to_tensor(self.beta)
+        if training:
+            ctx = tf.distribute.get_replica_context()
+            if self.synchronized and ctx is not None \
+                    and ctx.num_replicas_in_sync > 1:
+                mean, variance, unbiased = self._batch_moments(x)
+                y = tf.nn.batch_normalization(x, mean, variance, beta, gamma,
+                                              self.epsilon)
+            else:
+                # The fused kernel returns the Bessel-corrected variance, as
+                # PyTorch uses for its running statistics.
+                y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+                    x, gamma, beta, epsilon=self.epsilon, is_training=True)
+            decay = 1.0 - self.momentum
+            self.moving_mean.assign(self.moving_mean * self.momentum +
+                                    decay * tf.stop_gradient(mean))
+            self.moving_variance.assign(self.moving_variance * self.momentum +
+                                        decay * tf.stop_gradient(unbiased))
+        else:
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, mean=self.moving_mean,
+                variance=self.moving_variance, epsilon=self.epsilon,
+                is_training=False)
+        if self.activation == "swish":
+            y = tf.nn.silu(y)
+        return tf.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(activation=self.activation,
+                      synchronized=self.synchronized,
+                      momentum=self.momentum, epsilon=self.epsilon)
+        return config
