@@ -1,0 +1,627 @@
+"""Input pipelines of NVAE (Vahdat & Kautz, 2020): datasets and preprocessing.
+
+`make_datasets(DataConfig(...))` returns a training and an evaluation
+`tf.data.Dataset` of float32 image batches `[B, H, W, C]` in [0, 1] (labels
+dropped) and a `DataInfo`. Images come at their stored shape (28x28 for
+MNIST-like data; the model pads 28 -> 32 itself). Preprocessing follows spec
+section 8 and runs on whole batches:
+
+1. value / 255;
+2. random horizontal flip, training set only, for the natural-image datasets
+   (cifar10, celeba, imagenet, lsun), none for MNIST-like data;
+3. dynamic binarisation of binary datasets (mnist, omniglot): every pixel
+   becomes Bernoulli(intensity), redrawn at every pass over the data and, as
+   in the official code, on the evaluation set too;
+4. bit reduction to `num_x_bits`:
+   x = floor(255 x / 2^(8 - bits)) / (2^bits - 1).
+
+Randomness is stateless: shuffling, flips and binarisation are seeded from
+`DataConfig.seed`, and a per-batch seed stream (`tf.data.Dataset.random` with
+`rerandomize_each_iteration=True`) changes at every pass, so a rebuilt
+pipeline with the same seed (and the same TF global seed, which
+`keras.utils.set_random_seed` sets) yields the same batches, epoch by epoch.
+
+Sources:
+- `fashion_mnist`, the embedded default: the gzipped IDX files of the Debian
+  package `dataset-fashion-mnist`, parsed with numpy.
+- Official datasets through TFDS, never downloading (`download=False`):
+  `mnist`, `cifar10`, `celeba_64` (`celeb_a`, official 148x148 crop, eval on
+  the validation split), `celeba_256` (`celeb_a_hq/256`, last 10% as eval:
+  GLOW's 27,000/3,000 sizes, not its membership), `imagenet_32`/`imagenet_64`
+  (`downsampled_imagenet`), `lsun_*` (`lsun`, random square crop on train),
+  `omniglot` (TFDS's 105x105 background/evaluation split, made grayscale,
+  inverted to white strokes on black and resized to 28; the official code
+  uses the IWAE 28x28 split, so numbers are not comparable to the paper).
+  `ffhq` has no TFDS builder: use `image_folder`.
+- `image_folder`: PNG/JPEG files under `data_dir` (recursive), converted to
+  `image_channels`, centre-cropped to a square and resized to `image_size`.
+  Files are sorted by relative path; every 10th (indices 0, 10, 20, ...) is
+  the evaluation set, the rest the training set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import zlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+MAX_PIXEL = 255  # largest 8-bit value; ToTensor divides by it.
+SOURCE_BITS = 8  # bit depth of every stored dataset.
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_TRAIN_FILE = "train-images-idx3-ubyte.gz"
+FASHION_MNIST_EVAL_FILE = "t10k-images-idx3-ubyte.gz"
+FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
+IDX_IMAGES_MAGIC = 0x803  # IDX: unsigned bytes (0x08), 3 dimensions (0x03).
+IDX_HEADER_BYTES = 16  # magic, count, rows, cols as big-endian uint32.
+MNIST_SIDE = 28
+
+# Official CelebA-64 face crop of the 178x218 aligned images, then resize.
+CELEBA_CROP_LEFT, CELEBA_CROP_TOP = 15, 40
+CELEBA_CROP_RIGHT, CELEBA_CROP_BOTTOM = 163, 188
+
+IMAGE_FOLDER_EVAL_EVERY = 10  # every 10th sorted file is an evaluation image.
+IMAGE_FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """How to read one named dataset.
+
+    Attributes:
+      image_shape: [H, W, C] of the images the pipeline yields.
+      tfds_name: TFDS builder (with config), or None for non-TFDS sources.
+      train_split / eval_split: TFDS split names.
+      random_flip: official default for horizontal flips on training images.
+      binary: official default for dynamic binarisation.
+      geometry: `none` (stored at `image_shape`), `square` (variable size:
+        crop a square, resize), `celeba` (official crop box, resize) or
+        `omniglot` (grayscale, invert, resize).
+      random_crop: square crops at a random offset on the training set.
+    """
+
+    image_shape: tuple[int, int, int]
+    tfds_name: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    random_flip: bool = False
+    binary: bool = False
+    geometry: str = "none"
+    random_crop: bool = False
+
+
+def _rgb(size: int, tfds_name: str, eval_split: str = "validation",
+         geometry: str = "square", random_crop: bool = False) -> _Source:
+    return _Source((size, size, 3), tfds_name, eval_split=eval_split,
+                   random_flip=True, geometry=geometry, random_crop=random_crop)
+
+
+_MNIST_SHAPE = (MNIST_SIDE, MNIST_SIDE, 1)
+_SOURCES: dict[str, _Source] = {
+    "fashion_mnist": _Source(_MNIST_SHAPE),
+    "mnist": _Source(_MNIST_SHAPE, "mnist", binary=True),
+    "omniglot": _Source(_MNIST_SHAPE, "omniglot", binary=True,
+                        geometry="omniglot"),
+    "cifar10": _rgb(32, "cifar10", "test", "none"),
+    "celeba_64": _rgb(64, "celeb_a", geometry="celeba"),
+    "celeba_256": _Source((256, 256, 3), "celeb_a_hq/256", "train[:90%]",
+                          "train[90%:]", random_flip=True),
+    "imagenet_32": _rgb(32, "downsampled_imagenet/32x32"),
+    "imagenet_64": _rgb(64, "downsampled_imagenet/64x64"),
+    "lsun_bedroom_128": _rgb(128, "lsun/bedroom", random_crop=True),
+    "lsun_bedroom_256": _rgb(256, "lsun/bedroom", random_crop=True),
+    "lsun_church_64": _rgb(64, "lsun/church_outdoor", random_crop=True),
+    "lsun_church_128": _rgb(128, "lsun/church_outdoor", random_crop=True),
+    "lsun_tower_64": _rgb(64, "lsun/tower", random_crop=True),
+    "lsun_tower_128": _rgb(128, "lsun/tower", random_crop=True),
+}
+# Official dataset names this module cannot read directly, with the reason.
+_UNSUPPORTED = {
+    "ffhq": "TFDS has no FFHQ builder. Put the images (PNG) in a folder and "
+            "use dataset='image_folder', data_dir=FOLDER, image_size=256, "
+            "image_channels=3, random_flip=True (the official setting).",
+}
+DATASETS = tuple(_SOURCES) + tuple(_UNSUPPORTED) + ("image_folder",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to preprocess it.
+
+    Attributes:
+      dataset: a name in `DATASETS`; `fashion_mnist` is the embedded default.
+      data_dir: folder of the data: the IDX files (fashion_mnist), the TFDS
+        data directory (None: TFDS's default) or the image folder.
+      batch_size: global batch size (all replicas together).
+      image_size: side length of `image_folder` images; other datasets have
+        a fixed stored size (None or that size).
+      image_channels: 1 or 3 for `image_folder` (converted on decoding).
+      shuffle_buffer: examples in the training shuffle buffer (an image
+        folder's file list is always shuffled whole).
+      seed: seed of shuffling, flips and binarisation (>= 0).
+      num_x_bits: bit depth of the pixels the model sees (1..8).
+      binary: dynamic binarisation; None: the dataset's official default
+        (mnist, omniglot).
+      random_flip: horizontal flips of training images; None: the dataset's
+        official default (on for natural images, off for MNIST-like data and
+        image folders).
+    """
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    batch_size: int = 32
+    image_size: int | None = None
+    image_channels: int | None = None
+    shuffle_buffer: int = 10000
+    seed: int = 0
+    num_x_bits: int = SOURCE_BITS
+    binary: bool | None = None
+    random_flip: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.data_dir, os.PathLike):
+            object.__setattr__(self, "data_dir", os.fspath(self.data_dir))
+
+        def fail(field, expected):
+            raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} "
+                             f"is invalid: {expected}")
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.dataset in _UNSUPPORTED:
+            fail("dataset", _UNSUPPORTED[self.dataset])
+        if self.dataset not in DATASETS:
+            fail("dataset", f"expected one of {', '.join(DATASETS)}.")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            fail("data_dir", "expected a path or None.")
+        for name, low in (("batch_size", 1), ("shuffle_buffer", 1),
+                          ("seed", 0)):
+            if not is_int(getattr(self, name)) or getattr(self, name) < low:
+                fail(name, f"expected an integer >= {low}.")
+        if not is_int(self.num_x_bits) or not 1 <= self.num_x_bits <= 8:
+            fail("num_x_bits", "expected an integer in [1, 8].")
+        for name in ("binary", "random_flip"):
+            if getattr(self, name) not in (None, True, False):
+                fail(name, "expected True, False or None.")
+        if self.image_size is not None and (
+                not is_int(self.image_size) or self.image_size < 1):
+            fail("image_size", "expected a positive integer or None.")
+        if self.image_channels not in (None, 1, 3):
+            fail("image_channels", "expected 1, 3 or None.")
+        if self.dataset == "image_folder":
+            if self.data_dir is None:
+                fail("data_dir", "image_folder needs the folder of images.")
+            for name in ("image_size", "image_channels"):
+                if getattr(self, name) is None:
+                    fail(name, "image_folder needs image_size and "
+                               "image_channels.")
+            return
+        stored_size, _, stored_channels = _SOURCES[self.dataset].image_shape
+        for name, stored in (("image_size", stored_size),
+                             ("image_channels", stored_channels)):
+            if getattr(self, name) not in (None, stored):
+                fail(name, f"{self.dataset} is stored with {name}={stored}; "
+                           f"leave it None ({name} is for image_folder).")
+
+    @classmethod
+    def from_model_config(cls, model_config: Any, *, batch_size: int,
+                          seed: int = 0, data_dir: str | None = None,
+                          **overrides) -> DataConfig:
+        """The data settings an `NVAEConfig` implies (dataset, bits, binary)."""
+        folder = model_config.dataset == "image_folder"
+        values = dict(
+            dataset=model_config.dataset, data_dir=data_dir,
+            batch_size=batch_size, seed=seed,
+            image_size=model_config.data_size if folder else None,
+            image_channels=(model_config.image_channels_resolved
+                            if folder else None),
+            num_x_bits=model_config.num_x_bits,
+            binary=model_config.is_binary)
+        return cls(**{**values, **overrides})
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """[H, W, C] of the yielded images."""
+        if self.dataset == "image_folder":
+            return (self.image_size, self.image_size, self.image_channels)
+        return _SOURCES[self.dataset].image_shape
+
+    @property
+    def is_binary(self) -> bool:
+        if self.binary is not None:
+            return self.binary
+        source = _SOURCES.get(self.dataset)
+        return source is not None and source.binary
+
+    @property
+    def random_flip_resolved(self) -> bool:
+        if self.random_flip is not None:
+            return self.random_flip
+        source = _SOURCES.get(self.dataset)
+        return source is not None and source.random_flip
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """Sizes of the two splits.
+
+    Attributes:
+      num_train / num_eval: examples in the training / evaluation split.
+      image_shape: [H, W, C] of the yielded images.
+      steps_per_epoch: full training batches per pass, num_train // batch.
+    """
+
+    num_train: int
+    num_eval: int
+    image_shape: tuple[int, int, int]
+    steps_per_epoch: int
+
+
+# --------------------------------------------------------------- preprocessing
+def _levels_to_unit(levels: tf.Tensor, num_bits: int) -> tf.Tensor:
+    """8-bit levels (float32, integral, 0..255) -> [0, 1] at `num_bits`."""
+    if num_bits == SOURCE_BITS:
+        return levels / MAX_PIXEL
+    bin_width = 2.0 ** (SOURCE_BITS - num_bits)  # a power of 2: exact.
+    return tf.floor(levels / bin_width) / (2 ** num_bits - 1)
+
+
+def quantize(x: tf.Tensor, num_bits: int) -> tf.Tensor:
+    """Reduces pixels to `num_bits` bits (official `pre_process`, spec 8).
+
+    x = floor(255 x / 2^(8 - bits)) / (2^bits - 1); 5 bits maps the 8-bit
+    value v to floor(v / 8) / 31. 255 x is rounded first (x is taken to be on
+    the 8-bit grid v / 255), so float error never moves a value across a bin
+    edge. Idempotent; identity at 8 bits.
+
+    Args:
+      x: float tensor in [0, 1], any shape.
+      num_bits: target bit depth, 1..8.
+
+    Returns:
+      A tensor of x's shape and dtype on the grid k / (2^bits - 1).
+    """
+    if not isinstance(num_bits, int) or not 1 <= num_bits <= SOURCE_BITS:
+        raise ValueError(f"`num_bits` must be an integer in [1, 8]. "
+                         f"Received: num_bits={num_bits!r}")
+    x = tf.convert_to_tensor(x)
+    if num_bits == SOURCE_BITS:
+        return x
+    levels = tf.round(tf.cast(x, tf.float32) * MAX_PIXEL)
+    return tf.cast(_levels_to_unit(levels, num_bits), x.dtype)
+
+
+def _preprocess(images: tf.Tensor, seed: tf.Tensor, *, num_x_bits: int,
+                binary: bool, random_flip: bool) -> tf.Tensor:
+    """uint8 [B, H, W, C] -> float32 [B, H, W, C] in [0, 1] (module doc)."""
+    flip_seed, binary_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 2))
+    levels = tf.cast(images, tf.float32)  # [B, H, W, C], 0..255
+    if random_flip:
+        batch = tf.shape(levels)[0]
+        flip = tf.random.stateless_uniform([batch, 1, 1, 1], flip_seed) < 0.5
+        levels = tf.where(flip, tf.reverse(levels, axis=[2]), levels)
+    if binary:
+        # Bernoulli(intensity). Bit reduction keeps 0 and 1 unchanged.
+        noise = tf.random.stateless_uniform(tf.shape(levels), binary_seed)
+        return tf.cast(noise < levels / MAX_PIXEL, tf.float32)
+    return _levels_to_unit(levels, num_x_bits)
+
+
+def _resize_uint8(images: tf.Tensor, size: int) -> tf.Tensor:
+    """[B, H, W, C] -> uint8 [B, size, size, C], bilinear with antialiasing
+    (close to PIL's bilinear resize), rounded back to 8 bits as PIL does."""
+    resized = tf.image.resize(images, [size, size], method="bilinear",
+                              antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, MAX_PIXEL),
+                   tf.uint8)
+
+
+def _crop_square_and_resize(image: tf.Tensor, size: int,
+                            offset: tf.Tensor) -> tf.Tensor:
+    """Largest square of `image` [H, W, C] at relative `offset` [2] in
+    [0, 1] (0.5: centre), resized to [size, size, C] uint8."""
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    slack = tf.cast(shape[:2] - side, tf.float32)
+    top_left = tf.cast(tf.round(slack * offset), tf.int32)
+    square = tf.slice(image, tf.concat([top_left, [0]], 0), [side, side, -1])
+    return _resize_uint8(square[None], size)[0]
+
+
+def _celeba_crop(images: tf.Tensor) -> tf.Tensor:
+    """Official CelebA-64 geometry: 148x148 face box -> 64x64."""
+    box = images[:, CELEBA_CROP_TOP:CELEBA_CROP_BOTTOM,
+                 CELEBA_CROP_LEFT:CELEBA_CROP_RIGHT, :]
+    return _resize_uint8(box, _SOURCES["celeba_64"].image_shape[0])
+
+
+def _omniglot_strokes(images: tf.Tensor) -> tf.Tensor:
+    """TFDS Omniglot (black strokes on white RGB, 105x105) -> white strokes
+    on black, 28x28x1, the polarity of the official (IWAE) data."""
+    gray = tf.image.rgb_to_grayscale(images)
+    return _resize_uint8(MAX_PIXEL - tf.cast(gray, tf.float32), MNIST_SIDE)
+
+
+_BATCH_GEOMETRY = {"celeba": _celeba_crop, "omniglot": _omniglot_strokes}
+
+
+# --------------------------------------------------------------------- sources
+def _read_idx_images(path: str) -> np.ndarray:
+    """Parses a gzipped IDX image file -> uint8 [N, 28, 28, 1]."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"{path} is not a readable gzip file ({e}); it is probably "
+            "corrupt: reinstall or re-download it.") from e
+    if len(raw) < IDX_HEADER_BYTES:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter "
+                         "than the 16-byte IDX header.")
+    magic, count, rows, cols = np.frombuffer(
+        raw[:IDX_HEADER_BYTES], dtype=">u4").tolist()
+    if magic != IDX_IMAGES_MAGIC:
+        raise ValueError(f"{path} is not an IDX image file: magic number "
+                         f"{magic:#x}, expected {IDX_IMAGES_MAGIC:#x}.")
+    if (rows, cols) != (MNIST_SIDE, MNIST_SIDE):
+        raise ValueError(f"{path} holds {rows}x{cols} images, expected "
+                         f"{MNIST_SIDE}x{MNIST_SIDE}.")
+    expected = IDX_HEADER_BYTES + count * rows * cols
+    if len(raw) != expected:
+        raise ValueError(f"{path} is corrupt: {len(raw)} bytes, but its header "
+                         f"({count} images of {rows}x{cols}) needs {expected}.")
+    pixels = np.frombuffer(raw, dtype=np.uint8, offset=IDX_HEADER_BYTES)
+    return pixels.reshape(count, rows, cols, 1)
+
+
+def load_fashion_mnist(
+        data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reads Fashion-MNIST images (no labels) from the gzipped IDX files.
+
+    Args:
+      data_dir: folder holding `train-images-idx3-ubyte.gz` and
+        `t10k-images-idx3-ubyte.gz`; None: `FASHION_MNIST_DIR`.
+
+    Returns:
+      (train, test) uint8 arrays [60000, 28, 28, 1] and [10000, 28, 28, 1].
+
+    Raises:
+      FileNotFoundError: a file is missing.
+      ValueError: a file is corrupt.
+    """
+    folder = FASHION_MNIST_DIR if data_dir is None else os.fspath(data_dir)
+    paths = [os.path.join(folder, name)
+             for name in (FASHION_MNIST_TRAIN_FILE, FASHION_MNIST_EVAL_FILE)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found: missing {', '.join(missing)}. Install "
+            f"it with `{FASHION_MNIST_APT}` (files go to {FASHION_MNIST_DIR}) "
+            "or pass --data_dir with a folder holding "
+            f"{FASHION_MNIST_TRAIN_FILE} and {FASHION_MNIST_EVAL_FILE}.")
+    train, test = (_read_idx_images(p) for p in paths)
+    return train, test
+
+
+class _Split(NamedTuple):
+    """One split before batching: `items` and the per-example function that
+    turns an item (and a seed [2]) into a uint8 image (None: items are)."""
+
+    items: tf.data.Dataset
+    num_examples: int
+    to_image: Callable[[Any, tf.Tensor], tf.Tensor] | None = None
+
+
+def _tfds_missing_message(dataset: str, name: str, data_dir: str | None):
+    where = data_dir or (
+        "the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)")
+    return (f"Dataset {dataset!r} (TFDS {name!r}) is not prepared in {where}, "
+            "and this pipeline never downloads. On a machine with network run "
+            f"`tfds build {name} --data_dir DIR` (some datasets, e.g. "
+            "celeb_a_hq, need a manual download first; see the TFDS "
+            "catalog), copy DIR here and pass --data_dir DIR.")
+
+
+def _tfds_split(config: DataConfig, split: str, training: bool,
+                file_seed: int) -> _Split:
+    import tensorflow_datasets as tfds  # only the TFDS sources need it.
+
+    source = _SOURCES[config.dataset]
+    try:
+        ds, info = tfds.load(
+            source.tfds_name, split=split, data_dir=config.data_dir,
+            download=False, with_info=True, shuffle_files=training,
+            read_config=tfds.ReadConfig(
+                shuffle_seed=file_seed,
+                shuffle_reshuffle_each_iteration=True))
+    except AssertionError as e:  # TFDS: "could not find data in ..."
+        raise FileNotFoundError(_tfds_missing_message(
+            config.dataset, source.tfds_name, config.data_dir)) from e
+    try:  # `info.splits` is empty for unprepared data and under mock_data.
+        num_examples = int(info.splits[split].num_examples)
+    except KeyError:
+        num_examples = int(ds.cardinality())
+        if num_examples < 0:
+            num_examples = int(ds.reduce(0, lambda count, _: count + 1))
+    images = ds.map(lambda example: example["image"],
+                    num_parallel_calls=AUTOTUNE)
+    to_image = None
+    if source.geometry == "square":
+        size = source.image_shape[0]
+
+        def to_image(image, seed):
+            if training and source.random_crop:
+                offset = tf.random.stateless_uniform([2], seed)
+            else:
+                offset = tf.constant([0.5, 0.5])
+            return _crop_square_and_resize(image, size, offset)
+    return _Split(images, num_examples, to_image)
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Sorted paths of the PNG/JPEG files under `folder` (recursive; hidden
+    files and folders skipped), each checked to start like a PNG or JPEG.
+
+    Raises:
+      FileNotFoundError: `folder` is not a directory.
+      ValueError: no image files, or a file that is not a PNG/JPEG image.
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"image_folder: data_dir {folder!r} is not an existing directory.")
+    relative = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        relative += [
+            os.path.relpath(os.path.join(parent, name), folder)
+            for name in files if not name.startswith(".")
+            and name.lower().endswith(IMAGE_FOLDER_EXTENSIONS)]
+    if not relative:
+        raise ValueError(f"image_folder: no {'/'.join(IMAGE_FOLDER_EXTENSIONS)}"
+                         f" files found under {folder!r}.")
+    paths = [os.path.join(folder, name) for name in sorted(relative)]
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                header = f.read(len(PNG_SIGNATURE))
+        except OSError as e:
+            raise ValueError(f"image_folder: cannot read {path}: {e}") from e
+        if not header.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
+            raise ValueError(f"image_folder: {path} is not a PNG or JPEG "
+                             "image (unrecognised header); remove or fix it.")
+    return paths
+
+
+def _image_folder_split(config: DataConfig, paths: list[str]) -> _Split:
+    size, channels = config.image_size, config.image_channels
+
+    def to_image(path, seed):
+        del seed  # centre crops only.
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                   dtype=tf.uint8, expand_animations=False)
+        return _crop_square_and_resize(image, size, tf.constant([0.5, 0.5]))
+
+    return _Split(tf.data.Dataset.from_tensor_slices(paths), len(paths),
+                  to_image)
+
+
+# -------------------------------------------------------------------- pipeline
+class _Seeds(NamedTuple):
+    """Independent op seeds derived from `DataConfig.seed`."""
+
+    shuffle: int
+    files: int
+    train_examples: int
+    eval_examples: int
+    train_batches: int
+    eval_batches: int
+
+    @classmethod
+    def from_seed(cls, seed: int) -> _Seeds:
+        state = np.random.SeedSequence(seed).generate_state(len(cls._fields))
+        return cls(*(int(s) for s in state))
+
+
+def _seed_stream(seed: int) -> tf.data.Dataset:
+    """int64 [2] stateless seeds, a new sequence at every pass."""
+    return tf.data.Dataset.random(
+        seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
+def _batches(split: _Split, config: DataConfig, *, training: bool,
+             seeds: _Seeds) -> tf.data.Dataset:
+    """Shuffle (train) -> per-example decode -> batch -> preprocess."""
+    items = split.items
+    if training:
+        buffer = (split.num_examples if config.dataset == "image_folder"
+                  else config.shuffle_buffer)
+        items = items.shuffle(buffer, seed=seeds.shuffle,
+                              reshuffle_each_iteration=True)
+    if split.to_image is not None:
+        stream = seeds.train_examples if training else seeds.eval_examples
+        items = tf.data.Dataset.zip((items, _seed_stream(stream))).map(
+            split.to_image, num_parallel_calls=AUTOTUNE)
+    batches = items.batch(config.batch_size, drop_remainder=training)
+
+    source = _SOURCES.get(config.dataset)
+    geometry = _BATCH_GEOMETRY.get(source.geometry) if source else None
+    shape = config.image_shape
+
+    def preprocess(images, seed):
+        if geometry is not None:
+            images = geometry(images)
+        x = _preprocess(images, seed, num_x_bits=config.num_x_bits,
+                        binary=config.is_binary,
+                        random_flip=training and config.random_flip_resolved)
+        return tf.ensure_shape(x, (None, *shape))  # [B, H, W, C]
+
+    stream = seeds.train_batches if training else seeds.eval_batches
+    ds = tf.data.Dataset.zip((batches, _seed_stream(stream))).map(
+        preprocess, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    # Multi-worker: every worker builds the same seeded order and keeps its
+    # share of the batches (file sharding would miss the seed stream).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return ds.with_options(options)
+
+
+def make_datasets(
+        config: DataConfig
+) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
+    """Builds the training and evaluation pipelines.
+
+    Args:
+      config: what to read and how.
+
+    Returns:
+      (train_ds, eval_ds, info). Both yield float32 [B, H, W, C] in [0, 1].
+      train_ds is shuffled, drops the last partial batch and is not repeated
+      (the caller repeats it); eval_ds is in file order and keeps every
+      example.
+
+    Raises:
+      FileNotFoundError: the data are not on this machine.
+      ValueError: corrupt data, or fewer training examples than a batch.
+    """
+    seeds = _Seeds.from_seed(config.seed)
+    if config.dataset == "fashion_mnist":
+        train, test = load_fashion_mnist(config.data_dir)
+        train_split = _Split(tf.data.Dataset.from_tensor_slices(train),
+                             len(train))
+        eval_split = _Split(tf.data.Dataset.from_tensor_slices(test),
+                            len(test))
+    elif config.dataset == "image_folder":
+        paths = list_image_files(config.data_dir)
+        every = IMAGE_FOLDER_EVAL_EVERY
+        train_split = _image_folder_split(
+            config, [p for i, p in enumerate(paths) if i % every])
+        eval_split = _image_folder_split(config, paths[::every])
+    else:
+        source = _SOURCES[config.dataset]
+        train_split = _tfds_split(config, source.train_split, True,
+                                  seeds.files)
+        eval_split = _tfds_split(config, source.eval_split, False, seeds.files)
+    if train_split.num_examples < config.batch_size:
+        raise ValueError(
+            f"DataConfig.batch_size={config.batch_size} is invalid: "
+            f"{config.dataset} has only {train_split.num_examples} training "
+            "examples, and incomplete training batches are dropped.")
+    info = DataInfo(
+        num_train=train_split.num_examples, num_eval=eval_split.num_examples,
+        image_shape=config.image_shape,
+        steps_per_epoch=train_split.num_examples // config.batch_size)
+    return (_batches(train_split, config, training=True, seeds=seeds),
+            _batches(eval_split, config, training=False, seeds=seeds), info)
