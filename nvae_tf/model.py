@@ -425,7 +425,7 @@ class NVAE(keras.Model):
             nelbo=recon_loss + tf.add_n(kl_per_group), groups=groups)
 
     def sample(self, num_samples, temperature=1.0, eps=None, seed=None,
-               training=False):
+               training=False, latents_given=None):
         """Draws images from the prior at a latent temperature.
 
         Args:
@@ -435,6 +435,9 @@ class NVAE(keras.Model):
           seed: optional stateless seed [2] (for the latents and the image
             distribution), for exports and reproducible grids.
           training: BN in training mode (used to re-estimate statistics).
+          latents_given: optional list of G tensors [N, h, w, L] or `None`s;
+            a given z_k is used as is, the others are sampled from the prior
+            (conditioned on the groups above).
 
         Returns:
           `NVAESample` with images [N, H, W, C] in [0, 1] (cropped to the data
@@ -442,9 +445,16 @@ class NVAE(keras.Model):
         """
         batch_size = tf.convert_to_tensor(num_samples, tf.int32)
         noise = self._standard_normal(eps, batch_size, seed)
+        given = latents_given or [None] * self.config.num_groups
+        if len(given) != self.config.num_groups:
+            raise ValueError(f"latents_given has {len(given)} entries; the "
+                             f"model has {self.config.num_groups} groups.")
         zs = []
 
         def prior_latent(k, state):
+            if given[k] is not None:
+                zs.append(tf.cast(given[k], tf.float32))
+                return zs[-1]
             raw_loc, raw_log_scale = self._prior_params(k, state, batch_size)
             prior = distributions.latent_normal(raw_loc, raw_log_scale,
                                                 temperature)
@@ -457,6 +467,29 @@ class NVAE(keras.Model):
         images = self.image_distribution(logits).sample_with_temperature(
             1.0, seed=image_seed)
         return NVAESample(images=self._crop(images), logits=logits, z=zs)
+
+    def encode(self, x):
+        """Posterior means of every latent group (eval-mode BN).
+
+        Group k's mean is taken given the means of the groups above it (the
+        noise is zero), then pushed through the flows, as the authors
+        recommend for interpolation.
+
+        Returns:
+          (latents, scales): two lists of G tensors [B, h, w, L], top-down;
+          `scales` are the posterior standard deviations.
+        """
+        x = self._prepare_input(tf.convert_to_tensor(x))
+        zeros = [tf.zeros(tf.stack([tf.shape(x)[0]] + list(shape[1:])))
+                 for shape in self.latent_shapes()]
+        out = self(x, training=False, eps=zeros)
+        return [g.z for g in out.groups], [g.post_scale for g in out.groups]
+
+    def decode(self, latents_given, temperature=1.0, seed=None):
+        """Images from given latents (see `sample(latents_given=...)`)."""
+        first = next(z for z in latents_given if z is not None)
+        return self.sample(tf.shape(first)[0], temperature, seed=seed,
+                           latents_given=latents_given)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "seed": self.seed,
