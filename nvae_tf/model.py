@@ -21,6 +21,7 @@ from nvae_tf.layers.combiners import DecoderCombinerCell, EncoderCombinerCell
 from nvae_tf.layers.conv import WeightNormConv2D
 from nvae_tf.layers.flows import PairedAutoregressiveFlow
 from nvae_tf.layers.norm import BatchNorm
+from nvae_tf.layers.tracking import CheckpointableCollections
 
 
 class NVAEOutput(NamedTuple):
@@ -61,7 +62,7 @@ def _spectral_shape(conv):
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class NVAE(keras.Model):
+class NVAE(CheckpointableCollections, keras.Model):
     """NVAE built from an `NVAEConfig`.
 
     Args:

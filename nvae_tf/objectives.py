@@ -25,6 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf.layers.tracking import CheckpointableCollections
+
 # KL balancing: floor added to each group's mean |KL| so that groups with
 # (nearly) zero KL still get a finite, positive coefficient.
 KL_BALANCE_OFFSET = 0.01
@@ -214,7 +216,7 @@ def _normalize(x: tf.Tensor) -> tf.Tensor:
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class SpectralRegularizer(keras.layers.Layer):
+class SpectralRegularizer(CheckpointableCollections, keras.layers.Layer):
     """Spectral regulariser SR = sum_i sigma(W_i) by persistent power iteration.
 
     For each matrix W [rows, cols] (a conv kernel reshaped to

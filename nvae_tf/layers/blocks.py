@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
 from nvae_tf.layers.norm import BatchNorm
+from nvae_tf.layers.tracking import CheckpointableCollections
 
 SE_REDUCTION = 16  # SE bottleneck = channels // 16 ...
 SE_MIN_HIDDEN = 4  # ... but at least 4 units, as the official code.
@@ -128,7 +129,7 @@ class InvertedResidual(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class FactorizedReduce(keras.layers.Layer):
+class FactorizedReduce(CheckpointableCollections, keras.layers.Layer):
     """Down-sampling skip: Swish, four shifted 1x1 stride-2 convs, concat.
 
     The four convolutions see the input shifted by (0,0), (1,1), (0,1) and

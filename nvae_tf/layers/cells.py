@@ -14,6 +14,7 @@ from nvae_tf.config import ARCH_INSTANCES
 from nvae_tf.layers.blocks import (FactorizedReduce, InvertedResidual,
                                    SqueezeExcite, UpsampleSkip)
 from nvae_tf.layers.conv import BNSwishConv
+from nvae_tf.layers.tracking import CheckpointableCollections
 
 RESIDUAL_BRANCH_SCALE = 0.1  # official `skip + 0.1 * branch`, a constant
 
@@ -40,7 +41,7 @@ def make_operation(op_name, filters, strides, sync_batchnorm, name, dtype):
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class ResidualCell(keras.layers.Layer):
+class ResidualCell(CheckpointableCollections, keras.layers.Layer):
     """A residual cell of one of the NVAE towers.
 
     Args:
