@@ -72,6 +72,9 @@ class NVAE(CheckpointableCollections, keras.Model):
     """
 
     def __init__(self, config, seed=0, **kwargs):
+        # Inputs are not autocast: pixel values k/255 must reach the
+        # likelihood exactly, also under a mixed-precision policy.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = NVAEConfig.from_dict(config)
@@ -131,8 +134,9 @@ class NVAE(CheckpointableCollections, keras.Model):
             self.encoder_samplers.append(conv(latent2, 3,
                                               f"encoder_sampler_{k}"))
             for n in range(c.num_nf):
+                # Latents and their densities stay float32 (spec pitfall 23).
                 self.flows.append(PairedAutoregressiveFlow(
-                    name=f"flow_{k}_{n}", **kw))
+                    name=f"flow_{k}_{n}", dtype="float32"))
             if k > 0:
                 self.decoder_samplers.append(conv(latent2, 1,
                                                   f"decoder_sampler_{k}"))

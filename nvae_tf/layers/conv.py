@@ -87,13 +87,15 @@ class WeightNormConv2D(keras.layers.Layer):
         bound = 1.0 / math.sqrt(fan_in)
         mask = self.kernel_mask(in_channels)
         self._mask = None if mask is None else tf.constant(mask, tf.float32)
+        # Weight normalisation runs in float32 (autocast off); `call` casts
+        # the effective kernel to the compute dtype.
         self.kernel = self.add_weight(shape=shape,
                                       initializer=_pytorch_uniform(bound),
-                                      name="kernel")
+                                      name="kernel", autocast=False)
         if self.use_bias:
             self.bias = self.add_weight(shape=(self.filters,),
                                         initializer=_pytorch_uniform(bound),
-                                        name="bias")
+                                        name="bias", autocast=False)
         if self.weight_norm:
             scale = self.gain_init_scale
 
@@ -105,7 +107,7 @@ class WeightNormConv2D(keras.layers.Layer):
 
             self.log_weight_norm = self.add_weight(
                 shape=(self.filters,), initializer=init_gain,
-                name="log_weight_norm")
+                name="log_weight_norm", autocast=False)
 
     @property
     def _norm_axes(self):
@@ -152,6 +154,12 @@ class WeightNormConv2D(keras.layers.Layer):
         padding = self._padding_arg()
         dilations = (self.dilation_rate, self.dilation_rate)
         if self.depthwise:
+            if isinstance(padding, list):
+                # Explicit paddings on DepthwiseConv2dNative abort the process
+                # in Grappler's layout pass inside tf.function (TF 2.21):
+                # pad first, then a 'VALID' convolution.
+                inputs = tf.pad(inputs, padding)
+                padding = "VALID"
             y = tf.nn.depthwise_conv2d(
                 inputs, kernel, (1, self.strides, self.strides, 1), padding,
                 dilations=dilations)

@@ -43,16 +43,18 @@ class BatchNorm(keras.layers.Layer):
 
     def build(self, input_shape):
         channels = input_shape[-1]
+        # autocast=False: statistics and affine parameters stay float32
+        # under a mixed-precision policy (the fused kernel needs them so).
         self.gamma = self.add_weight(shape=(channels,), initializer="ones",
-                                     name="gamma")
+                                     name="gamma", autocast=False)
         self.beta = self.add_weight(shape=(channels,), initializer="zeros",
-                                    name="beta")
+                                    name="beta", autocast=False)
         self.moving_mean = self.add_weight(
             shape=(channels,), initializer="zeros", trainable=False,
-            aggregation="mean", name="moving_mean")
+            aggregation="mean", name="moving_mean", autocast=False)
         self.moving_variance = self.add_weight(
             shape=(channels,), initializer="ones", trainable=False,
-            aggregation="mean", name="moving_variance")
+            aggregation="mean", name="moving_variance", autocast=False)
 
     def _batch_moments(self, x):
         """Mean, biased and unbiased variance over N, H, W (all replicas)."""
