@@ -76,6 +76,12 @@ class InvertedResidual(keras.layers.Layer):
         super().__init__(**kwargs)
         if strides not in (1, 2, -1):
             raise ValueError(f"strides={strides!r}; expected 1, 2 or -1.")
+        if filters < 1 or expansion <= 0:
+            raise ValueError(f"filters={filters}, expansion={expansion}: "
+                             "expected filters >= 1 and expansion > 0.")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={kernel_size}; expected an odd "
+                             "size >= 1.")
         self.filters = filters
         self.strides = strides
         self.expansion = expansion
@@ -176,6 +182,8 @@ class UpsampleSkip(keras.layers.Layer):
 
     def __init__(self, filters, **kwargs):
         super().__init__(**kwargs)
+        if filters < 1:
+            raise ValueError(f"filters={filters}; expected >= 1.")
         self.filters = filters
 
     def build(self, input_shape):
