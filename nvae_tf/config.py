@@ -163,14 +163,25 @@ class NVAEConfig:
                  f"the same as num_preprocess_blocks "
                  f"({self.num_preprocess_blocks}) so that the output has the "
                  "input's size")
-        if not 1 <= self.num_x_bits <= 8:
+        if not isinstance(self.num_x_bits, int) or \
+                isinstance(self.num_x_bits, bool) or \
+                not 1 <= self.num_x_bits <= 8:
             fail("num_x_bits", self.num_x_bits, "an integer in [1, 8]")
+        for name in ("ada_groups", "use_se", "res_dist", "sync_batchnorm"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "True or False")
+        if self.binary is not None and not isinstance(self.binary, bool):
+            fail("binary", self.binary, "True, False or None")
         if self.arch_instance not in ARCH_INSTANCES:
             fail("arch_instance", self.arch_instance,
                  f"one of {', '.join(ARCH_INSTANCES)}")
         if self.ada_groups and self.min_groups_per_scale > self.num_groups_per_scale:
             fail("min_groups_per_scale", self.min_groups_per_scale,
                  f"<= num_groups_per_scale ({self.num_groups_per_scale})")
+        if self.image_size is not None and (
+                not isinstance(self.image_size, int) or
+                isinstance(self.image_size, bool) or self.image_size < 1):
+            fail("image_size", self.image_size, "an integer >= 1 or None")
         if self.image_channels not in (None, 1, 3):
             fail("image_channels", self.image_channels, "1, 3 or None")
         if self.dataset == "image_folder" and (
