@@ -171,3 +171,20 @@ def test_decoder_combiner_convolves_concat_state_then_z(regime):
     assert np.abs(np.asarray(y) - swapped).max() > 1e-2
     clone = rebuild_from_config(cell, state_shape, z_shape)
     np.testing.assert_array_equal(cell(state, z), clone(state, z))
+
+
+@pytest.mark.parametrize("cell_type", ["down_enc", "up_dec", "up_post"])
+def test_residual_cell_mixed_float16(cell_type):
+    filters = CELLS[cell_type][0]
+    full = ResidualCell(cell_type, filters)
+    full.build(IN_SHAPE)
+    randomize_weights(full)
+    mixed = ResidualCell(cell_type, filters, dtype="mixed_float16")
+    mixed.build(IN_SHAPE)
+    for dst, src in zip(mixed.weights, full.weights):
+        dst.assign(src)
+    x = _input()
+    y = mixed(tf.constant(x, tf.float16), training=False)
+    assert y.dtype == tf.float16
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               full(x, training=False), rtol=2e-2, atol=2e-2)
