@@ -60,7 +60,7 @@ class ReadjustResult(NamedTuple):
 
 
 def statistic_key(variable) -> str:
-    """A BN statistic's path inside the model (model name stripped)."""
+    """A variable's path inside the model (the model's name stripped)."""
     return variable.path.split("/", 1)[-1]
 
 
@@ -96,10 +96,15 @@ def set_statistics(model, statistics: dict) -> None:
 
 
 def weights_fingerprint(model) -> str:
-    """SHA-256 of the trainable weights (names and bytes), hex."""
+    """SHA-256 of the trainable weights (paths and bytes), hex.
+
+    Paths exclude the model's name, which Keras numbers per process
+    (`nvae`, `nvae_1`, ...), so every process gets the same fingerprint.
+    """
     digest = hashlib.sha256()
-    for variable in sorted(model.trainable_variables, key=lambda v: v.path):
-        digest.update(variable.path.encode())
+    for key, variable in sorted((statistic_key(v), v)
+                                for v in model.trainable_variables):
+        digest.update(key.encode())
         digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
     return digest.hexdigest()
 
