@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow.core.protobuf import saved_model_pb2
 
 from nvae_tf import bn_readjust, checkpoints, export, inference
 from nvae_tf.model import NVAE
@@ -241,6 +243,23 @@ def test_export_layout_and_metadata(exported):
                                        "temperature_0.70.npz"))
 
 
+def test_export_uses_only_core_tensorflow_ops(exported):
+    """Self-contained: no py_function and no custom ops, only ops that every
+    TensorFlow (and so TF Serving) build registers."""
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(exported[2], "saved_model.pb"), "rb") as f:
+        saved_model.ParseFromString(f.read())
+    graph = saved_model.meta_graphs[0].graph_def
+    functions = {f.signature.name for f in graph.library.function}
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+    ops -= functions
+    assert "StatelessRandomNormalV2" in ops and "Conv2D" in ops
+    assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+    assert [op for op in ops if not hasattr(tf.raw_ops, op)] == []
+
+
 def test_export_refuses_to_overwrite(exported):
     model, _, export_dir, _ = exported
     with pytest.raises(FileExistsError, match="new version"):
@@ -382,3 +401,15 @@ def test_saved_model_cli_run_samples(exported, fresh_process, tmp_path):
     assert images.dtype == np.uint8 and images.shape == (2, 8, 8, 3)
     # The TF1 session loader and tf.saved_model.load agree, seed for seed.
     np.testing.assert_array_equal(images, out["sample_seed1"])
+
+
+def test_serving_doc_models_config_parses():
+    """docs/serving.md's models.config is a valid ModelServerConfig."""
+    config_pb2 = pytest.importorskip(
+        "tensorflow_serving.config.model_server_config_pb2")
+    with open(os.path.join(REPO, "docs", "serving.md")) as f:
+        doc = f.read()
+    block = doc.split("```text models.config\n", 1)[1].split("```", 1)[0]
+    config = text_format.Parse(block, config_pb2.ModelServerConfig())
+    names = [c.name for c in config.model_config_list.config]
+    assert names == ["nvae_mnist", "nvae_celeba64"]
