@@ -26,6 +26,50 @@ def _pytorch_uniform(bound):
     return keras.initializers.RandomUniform(-bound, bound)
 
 
+def _depthwise_kernel_grad(inputs, grad_output, kernel_size):
+    """d loss / d kernel of a stride-1 'SAME' depthwise conv, [k, k, C, 1].
+
+    grad[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] dy[b, h, w, c]
+    is computed as one 'VALID' depthwise convolution of the padded input with
+    dy as the kernel, the batch folded into the channels ([1, H', W', B*C]
+    by [H, W, B*C, 1]), then summed over the batch. On this CPU (oneDNN) it
+    is 1.3-2x faster than `DepthwiseConv2dNativeBackpropFilter`.
+    """
+    pad = (kernel_size - 1) // 2
+    channels = inputs.shape[-1]
+    height, width = grad_output.shape[1], grad_output.shape[2]
+    padded = tf.pad(inputs, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    image = tf.reshape(tf.transpose(padded, (1, 2, 0, 3)),
+                       [1, height + 2 * pad, width + 2 * pad, -1])
+    kernel = tf.reshape(tf.transpose(grad_output, (1, 2, 0, 3)),
+                        [height, width, -1, 1])
+    out = tf.nn.depthwise_conv2d(image, kernel, (1, 1, 1, 1), "VALID")
+    out = tf.reshape(out, [kernel_size, kernel_size, -1, channels])
+    return tf.reduce_sum(out, axis=2)[..., None]
+
+
+@tf.custom_gradient
+def depthwise_conv2d_same(inputs, kernel):
+    """Stride-1 'SAME' depthwise convolution with a faster gradient.
+
+    The same function as `tf.nn.depthwise_conv2d(inputs, kernel, 1, 'SAME')`
+    for an odd square kernel [k, k, C, 1] and static spatial input shape; the
+    input gradient is the convolution of dy with the flipped kernel, the
+    kernel gradient `_depthwise_kernel_grad`.
+    """
+    strides = (1, 1, 1, 1)
+    outputs = tf.nn.depthwise_conv2d(inputs, kernel, strides, "SAME")
+
+    def grad(grad_output):
+        grad_inputs = tf.nn.depthwise_conv2d(
+            grad_output, tf.reverse(kernel, (0, 1)), strides, "SAME")
+        grad_kernel = _depthwise_kernel_grad(inputs, grad_output,
+                                             kernel.shape[0])
+        return grad_inputs, grad_kernel
+
+    return outputs, grad
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class WeightNormConv2D(keras.layers.Layer):
     """2-D convolution with NVAE weight normalisation and symmetric padding.
@@ -153,7 +197,10 @@ class WeightNormConv2D(keras.layers.Layer):
         kernel = tf.cast(self.effective_kernel(), inputs.dtype)
         padding = self._padding_arg()
         dilations = (self.dilation_rate, self.dilation_rate)
-        if self.depthwise:
+        if self.depthwise and padding == "SAME" and \
+                self.dilation_rate == 1 and None not in inputs.shape[1:3]:
+            y = depthwise_conv2d_same(inputs, kernel)
+        elif self.depthwise:
             if isinstance(padding, list):
                 # Explicit paddings on DepthwiseConv2dNative abort the process
                 # in Grappler's layout pass inside tf.function (TF 2.21):
