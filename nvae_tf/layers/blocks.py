@@ -134,6 +134,15 @@ class InvertedResidual(keras.layers.Layer):
         return config
 
 
+def _pointwise_conv(conv, inputs):
+    """`conv` (a 1x1 `WeightNormConv2D`) applied at stride 1."""
+    kernel = tf.cast(conv.effective_kernel(), inputs.dtype)
+    outputs = tf.nn.conv2d(inputs, kernel, 1, "VALID")
+    if conv.use_bias:
+        outputs = tf.nn.bias_add(outputs, tf.cast(conv.bias, outputs.dtype))
+    return outputs
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class FactorizedReduce(CheckpointableCollections, keras.layers.Layer):
     """Down-sampling skip: Swish, four shifted 1x1 stride-2 convs, concat.
@@ -163,7 +172,17 @@ class FactorizedReduce(CheckpointableCollections, keras.layers.Layer):
 
     def call(self, inputs):
         x = tf.nn.silu(inputs)
-        outputs = [conv(x[:, dr:, dc:, :])
+        height, width = x.shape[1], x.shape[2]
+        if height is None or width is None or height % 2 or width % 2:
+            outputs = [conv(x[:, dr:, dc:, :])
+                       for conv, (dr, dc) in zip(self.convs, self.SHIFTS)]
+            return tf.concat(outputs, axis=-1)
+        # Even sizes: a 1x1 stride-2 conv of x[:, dr:, dc:] sees exactly the
+        # pixels (dr + 2i, dc + 2j), the channel block 2 dr + dc of
+        # space_to_depth(x, 2). Splitting that tensor avoids four strided
+        # slices, whose gradients scatter into full-size zero tensors.
+        blocks = tf.split(tf.nn.space_to_depth(x, 2), 4, axis=-1)
+        outputs = [_pointwise_conv(conv, blocks[2 * dr + dc])
                    for conv, (dr, dc) in zip(self.convs, self.SHIFTS)]
         return tf.concat(outputs, axis=-1)
 
