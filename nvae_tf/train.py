@@ -1,0 +1,195 @@
+r"""Trains NVAE (Vahdat & Kautz, NeurIPS 2020) with the official recipe.
+
+    python -m nvae_tf.train --flagfile=configs/quickstart.cfg [--flag=value]
+
+Parses and validates the flags (`nvae_tf.flags`), builds the tf.distribute
+strategy, opens the data, saves the resolved config to MODEL_DIR/config.json
+(or checks it against the saved one when resuming), trains with
+`nvae_tf.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
+evaluates the test split and exports a SavedModel to
+MODEL_DIR/saved_models/<name>/<step>. Rerunning the same command resumes
+from the latest checkpoint. This file is intentionally kept short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from nvae_tf import flags as nvae_flags
+
+FLAGS = flags.FLAGS
+SAVED_MODELS_SUBDIR = "saved_models"
+
+
+def _cluster_size() -> int:
+    """Tasks in TF_CONFIG's cluster (0 without TF_CONFIG)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get(
+            "cluster", {})
+    except json.JSONDecodeError as err:
+        raise nvae_flags.FlagError(f"TF_CONFIG is not valid JSON: {err}")
+    return sum(len(tasks) for tasks in cluster.values())
+
+
+def make_strategy(runtime):
+    """The `tf.distribute.Strategy` named by `runtime.strategy`.
+
+    Must run before any other TensorFlow op (multi-worker collectives and
+    logical devices are configured at program start).
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if runtime.num_cpu_devices > 1:
+        if gpus:
+            raise nvae_flags.FlagError(
+                "--num_cpu_devices is for CPU-only machines; this one has "
+                f"{len(gpus)} GPU(s).")
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] *
+            runtime.num_cpu_devices)
+    kind = runtime.strategy
+    if kind == "auto":
+        if _cluster_size() > 1:
+            kind = "multi_worker"
+        elif len(gpus) > 1 or runtime.num_cpu_devices > 1:
+            kind = "mirrored"
+        else:
+            kind = "one_device"
+    if kind == "multi_worker":
+        if _cluster_size() < 1:
+            raise nvae_flags.FlagError(
+                "--strategy=multi_worker needs TF_CONFIG describing the "
+                "cluster (see README, multi-worker training).")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif kind == "mirrored":
+        devices = None if gpus else [
+            d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.OneDeviceStrategy(
+            "/gpu:0" if gpus else "/cpu:0")
+    if runtime.jit_compile and strategy.num_replicas_in_sync > 1:
+        raise nvae_flags.FlagError(
+            f"--jit_compile with {strategy.num_replicas_in_sync} replicas: "
+            "XLA compilation is supported with one replica only.")
+    logging.info("Strategy %s with %d replica(s).", type(strategy).__name__,
+                 strategy.num_replicas_in_sync)
+    return strategy
+
+
+def check_resume_compatible(model_dir, model_config) -> None:
+    """Refuses to resume a model directory with another architecture."""
+    from nvae_tf import checkpoints  # pylint: disable=import-outside-toplevel
+    if not os.path.exists(checkpoints.config_path(model_dir)):
+        return
+    saved, _ = checkpoints.read_config(model_dir)
+    old, new = saved.to_dict(), model_config.to_dict()
+    diff = [f"--{k}: saved {old[k]!r}, flags {new[k]!r}"
+            for k in sorted(new) if old.get(k) != new[k]]
+    if diff:
+        raise nvae_flags.FlagError(
+            f"--model_dir={model_dir} holds a model with a different "
+            "architecture and cannot be resumed with these flags:\n  " +
+            "\n  ".join(diff) + "\nUse a new --model_dir or the saved "
+            "values (see its config.json).")
+
+
+def export_model(trainer, step: int) -> str | None:
+    """Writes MODEL_DIR/saved_models/<name>/<step> (chief only)."""
+    import keras  # pylint: disable=import-outside-toplevel
+    try:
+        from nvae_tf import export as export_lib  # noqa: E501 pylint: disable=import-outside-toplevel
+    except ImportError as err:
+        logging.warning("SavedModel export skipped: nvae_tf.export is not "
+                        "available (%s).", err)
+        return None
+    from nvae_tf.model import NVAE  # pylint: disable=import-outside-toplevel
+    model_dir = trainer.model_dir
+    name = trainer.train.export_name or os.path.basename(
+        os.path.normpath(model_dir))
+    export_dir = os.path.join(model_dir, SAVED_MODELS_SUBDIR, name, str(step))
+    if os.path.exists(export_dir):
+        logging.info("SavedModel %s exists already.", export_dir)
+        return export_dir
+    # A float32 copy outside the distribution strategy is what TF Serving
+    # runs; the trained model's variables may be mirrored or mixed.
+    keras.config.set_dtype_policy("float32")
+    copy = NVAE(trainer.model_config, seed=trainer.train.seed)
+    copy.build()
+    copy.set_weights(trainer.model.get_weights())
+    export_lib.export_saved_model(
+        copy, export_dir, model_dir=model_dir,
+        checkpoint_id=trainer.manager.latest_checkpoint)
+    return export_dir
+
+
+def run(model_config, data_config, objective, train, runtime, strategy):
+    """Trains (or resumes) and returns the final evaluation dict."""
+    import keras  # pylint: disable=import-outside-toplevel
+    from nvae_tf import checkpoints  # pylint: disable=import-outside-toplevel
+    from nvae_tf import data as data_lib  # noqa: E501 pylint: disable=import-outside-toplevel
+    from nvae_tf import trainer as trainer_lib  # noqa: E501 pylint: disable=import-outside-toplevel
+
+    keras.utils.set_random_seed(train.seed)
+    keras.config.set_dtype_policy(runtime.keras_dtype_policy)
+    replicas = strategy.num_replicas_in_sync
+    if train.batch_size % replicas:
+        raise nvae_flags.FlagError(
+            f"--batch_size={train.batch_size} is not divisible by the "
+            f"{replicas} replicas of the strategy.")
+    _, _, info = data_lib.make_datasets(data_config)  # fails fast if absent
+    length = trainer_lib.RunLength(
+        batches_per_pass=info.steps_per_epoch,
+        steps_per_epoch=train.steps_per_epoch_resolved(info.steps_per_epoch),
+        total_steps=train.total_steps(info.steps_per_epoch),
+        schedule_epochs=train.schedule_epochs(info.steps_per_epoch))
+    objective = dataclasses.replace(objective,
+                                    total_steps=length.total_steps)
+    check_resume_compatible(runtime.model_dir, model_config)
+    trainer = trainer_lib.Trainer(model_config, data_config, objective, train,
+                                  runtime, strategy, length)
+    if trainer.is_chief:
+        checkpoints.write_config(runtime.model_dir, {
+            "model": model_config.to_dict(),
+            "data": dataclasses.asdict(data_config),
+            "objective": dataclasses.asdict(objective),
+            "train": train.to_dict(), "runtime": runtime.to_dict(),
+            "run": {**dataclasses.asdict(length), "replicas": replicas,
+                    "num_train": info.num_train, "num_eval": info.num_eval}})
+    logging.info("%s: %d training images, %d steps of %d images (%d per "
+                 "epoch, %d epochs), %s parameters.", data_config.dataset,
+                 info.num_train, length.total_steps, train.batch_size,
+                 length.steps_per_epoch, length.num_epochs,
+                 f"{trainer.model.count_params():,}")
+    result = trainer.fit()
+    if train.export and trainer.is_chief:
+        result["export_dir"] = export_model(trainer, result["step"])
+    logging.info("Test NELBO %.3f nats, %.4f bits/dim (%s test split, %d "
+                 "images, one posterior sample each, step %d).",
+                 result["nelbo"], result["bpd"], data_config.dataset,
+                 result["num_images"], result["step"])
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        configs = nvae_flags.from_flags(FLAGS)
+        strategy = make_strategy(configs[-1])
+        run(*configs, strategy)
+    except nvae_flags.FlagError as err:
+        raise app.UsageError(str(err)) from err
+
+
+if __name__ == "__main__":
+    nvae_flags.define_flags()
+    app.run(main)

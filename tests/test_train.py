@@ -1,0 +1,151 @@
+"""`python -m nvae_tf.train` end to end on a tiny model, and its helpers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nvae_tf import trainer
+from tests import train_helpers
+
+
+def test_latent_noise_is_the_replica_slice_of_the_global_draw():
+    seed = tf.constant([5, 17], tf.int64)
+    shapes = [(3, 4, 4, 20), (3, 2, 2, 5)]  # 2*2*5 = 20: Philox offsets
+    shapes.append((3, 1, 1, 3))  # 3 normals per image: the sliced fallback
+    for k, shape in enumerate(shapes):
+        full = tf.random.stateless_normal(
+            [3 * 4, *shape[1:]],
+            tf.random.experimental.stateless_fold_in(seed, k))
+        for replica in range(4):
+            part = trainer.latent_noise(shapes, seed, replica, 4)[k]
+            np.testing.assert_array_equal(
+                part.numpy(), full[3 * replica:3 * replica + 3].numpy())
+
+
+def test_pass_seeds_are_deterministic_and_distinct():
+    seeds = [trainer.pass_seed(1, p) for p in range(5)]
+    assert seeds == [trainer.pass_seed(1, p) for p in range(5)]
+    assert len(set(seeds)) == 5
+    assert trainer.pass_seed(2, 0) != seeds[0]
+
+
+def test_run_length_arithmetic():
+    from nvae_tf.train_config import TrainConfig
+    config = TrainConfig(epochs=4, warmup_epochs=1, steps_per_epoch=200)
+    assert config.total_steps(1875) == 800
+    assert config.schedule_epochs(1875) == 4
+    short = TrainConfig(epochs=400, max_steps=250)
+    assert short.total_steps(150) == 250
+    assert short.schedule_epochs(150) == 2  # the cosine ends at step 250
+    assert TrainConfig(epochs=60).eval_every_epochs_resolved() == 20
+    assert TrainConfig(epochs=50).eval_every_epochs_resolved() == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 6-step run: 2 epochs of 3 steps, checkpoints every 2 steps."""
+    base = tmp_path_factory.mktemp("tiny")
+    data = train_helpers.make_image_folder(str(base / "images"))
+    model_dir = str(base / "run")
+    proc = train_helpers.run_train(
+        *train_helpers.TINY_FLAGS, f"--data_dir={data}",
+        f"--model_dir={model_dir}", "--steps_per_epoch=3",
+        "--checkpoint_every_steps=2", "--keep_checkpoints=10")
+    return model_dir, proc.stderr, data
+
+
+def test_run_writes_config_checkpoints_and_final_line(tiny_run):
+    model_dir, log, _ = tiny_run
+    with open(os.path.join(model_dir, "config.json")) as f:
+        sections = json.load(f)
+    assert set(sections) == {"model", "data", "objective", "train", "runtime",
+                             "run"}
+    assert sections["run"]["total_steps"] == 6
+    assert sections["objective"]["total_steps"] == 6  # resolved
+    assert sections["model"]["num_channels_enc"] == 4
+    steps = sorted(train_helpers.checkpoint_step(p) for p in
+                   tf.train.get_checkpoint_state(os.path.join(
+                       model_dir, "checkpoints")).all_model_checkpoint_paths)
+    assert steps == [0, 2, 4, 6]  # step 0, then every 2 steps
+    values = train_helpers.checkpoint_values(
+        train_helpers.latest_checkpoint(model_dir), prefix="")
+    assert values["step/.ATTRIBUTES/VARIABLE_VALUE"] == 6
+    nelbo = train_helpers.final_nelbo(log)
+    assert np.isfinite(nelbo) and nelbo > 0
+    assert "bits/dim" in log.splitlines()[-1]
+
+
+def test_run_evaluates_every_epoch(tiny_run):
+    model_dir, _, _ = tiny_run
+    with open(os.path.join(model_dir, "eval_history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    assert [h["step"] for h in history] == [3, 6]
+    assert all(h["num_images"] == 4 for h in history)
+    assert all(np.isfinite(h["nelbo"]) and h["bpd"] > 0 for h in history)
+
+
+def _event_tags(folder):
+    tags = {}
+    for name in os.listdir(folder):
+        for event in tf.compat.v1.train.summary_iterator(
+                os.path.join(folder, name)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(
+                    value.metadata.plugin_data.plugin_name)
+    return tags
+
+
+def test_run_writes_tensorboard_scalars_and_images(tiny_run):
+    model_dir, _, _ = tiny_run
+    tags = _event_tags(os.path.join(model_dir, "train"))
+    for tag in ("loss", "nelbo", "recon", "kl", "kl_coeff", "bpd",
+                "active_units", "grad_norm", "learning_rate",
+                "skipped_steps", "spectral_reg", "kl_per_group/000",
+                "kl_per_group/001", "kl_gamma/000"):
+        assert tag in tags, tag
+    for tag in ("samples/t=0.7", "samples/t=1.0",
+                "reconstructions/input_then_reconstruction"):
+        assert tags.get(tag, [None])[0] == "images", tag
+    assert {"nelbo", "bpd"} <= set(_event_tags(os.path.join(model_dir,
+                                                            "eval")))
+
+
+def test_run_exports_a_saved_model(tiny_run):
+    model_dir, _, _ = tiny_run
+    export_dir = os.path.join(model_dir, "saved_models", "run", "6")
+    assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+    loaded = tf.saved_model.load(export_dir)
+    images = loaded.signatures["sample"](
+        num_samples=tf.constant(2), temperature=tf.constant(0.7),
+        seed=tf.constant(1, tf.int64))["images"]
+    assert images.shape == (2, 8, 8, 1) and images.dtype == tf.uint8
+
+
+def test_rerun_of_a_finished_run_resumes_without_training(tiny_run):
+    model_dir, _, data = tiny_run
+    before = train_helpers.checkpoint_values(
+        train_helpers.latest_checkpoint(model_dir))
+    proc = train_helpers.run_train(
+        *train_helpers.TINY_FLAGS, f"--data_dir={data}",
+        f"--model_dir={model_dir}", "--steps_per_epoch=3",
+        "--checkpoint_every_steps=2", "--keep_checkpoints=10")
+    assert "at step 6" in proc.stderr and "Epoch" not in proc.stderr
+    after = train_helpers.checkpoint_values(
+        train_helpers.latest_checkpoint(model_dir))
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+
+
+def test_resume_with_another_architecture_is_refused(tiny_run):
+    model_dir, _, data = tiny_run
+    proc = train_helpers.run_train(
+        *train_helpers.TINY_FLAGS, f"--data_dir={data}",
+        f"--model_dir={model_dir}", "--num_channels_enc=6",
+        "--num_latent_per_group=2", check=False)
+    assert proc.returncode != 0
+    assert "different architecture" in proc.stderr
+    assert "--num_channels_enc: saved 4, flags 6" in proc.stderr
+    assert "--num_latent_per_group: saved 4, flags 2" in proc.stderr
