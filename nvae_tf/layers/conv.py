@@ -29,21 +29,30 @@ def _pytorch_uniform(bound):
 def _depthwise_kernel_grad(inputs, grad_output, kernel_size):
     """d loss / d kernel of a stride-1 'SAME' depthwise conv, [k, k, C, 1].
 
-    grad[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] dy[b, h, w, c]
-    is computed as one 'VALID' depthwise convolution of the padded input with
-    dy as the kernel, the batch folded into the channels ([1, H', W', B*C]
-    by [H, W, B*C, 1]), then summed over the batch. On this CPU (oneDNN) it
-    is 1.3-2x faster than `DepthwiseConv2dNativeBackpropFilter`.
+    grad[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] dy[b, h, w, c],
+    for each image b a 'VALID' depthwise convolution of the padded image with
+    dy[b] as the kernel, summed over the batch. On this CPU (oneDNN) that is
+    2-5x faster than `DepthwiseConv2dNativeBackpropFilter`. Without a static
+    batch size the batch is folded into the channels instead (one
+    convolution [1, H', W', B*C] by [H, W, B*C, 1], still faster).
     """
     pad = (kernel_size - 1) // 2
-    channels = inputs.shape[-1]
-    height, width = grad_output.shape[1], grad_output.shape[2]
+    batch, height, width, channels = grad_output.shape
     padded = tf.pad(inputs, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    strides = (1, 1, 1, 1)
+    if batch is not None:
+        images = tf.split(padded, batch, axis=0)  # B x [1, H', W', C]
+        kernels = tf.split(grad_output, batch, axis=0)  # B x [1, H, W, C]
+        grads = [tf.nn.depthwise_conv2d(
+            image, tf.reshape(kernel, [height, width, channels, 1]),
+            strides, "VALID") for image, kernel in zip(images, kernels)]
+        return tf.reshape(tf.add_n(grads),
+                          [kernel_size, kernel_size, channels, 1])
     image = tf.reshape(tf.transpose(padded, (1, 2, 0, 3)),
                        [1, height + 2 * pad, width + 2 * pad, -1])
     kernel = tf.reshape(tf.transpose(grad_output, (1, 2, 0, 3)),
                         [height, width, -1, 1])
-    out = tf.nn.depthwise_conv2d(image, kernel, (1, 1, 1, 1), "VALID")
+    out = tf.nn.depthwise_conv2d(image, kernel, strides, "VALID")
     out = tf.reshape(out, [kernel_size, kernel_size, -1, channels])
     return tf.reduce_sum(out, axis=2)[..., None]
 
