@@ -118,6 +118,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
             ("num_mixture_dec", 10,
              "Logistic mixture components (1: Normal decoder).")):
         f.DEFINE_integer(name, default, help_text, **fv)
+    f.DEFINE_list("channel_mult", [str(config_lib.CHANNEL_MULT)],
+                  "Channel multiplier at each down-sampling step: one value "
+                  "for every step (official: 2) or a comma-separated list "
+                  "with one per step (num_preprocess_blocks + "
+                  "num_latent_scales - 1 entries).", **fv)
     f.DEFINE_bool("ada_groups", False,
                   "Halve the groups at each coarser scale.", **fv)
     f.DEFINE_bool("use_se", False, "Squeeze-and-excitation in every cell.",
@@ -245,6 +250,19 @@ def _check_official_launch_flags(fv) -> None:
             f"TF_CONFIG, see README).{hint}")
 
 
+def _channel_mult(values):
+    """--channel_mult as NVAEConfig.channel_mult (int or tuple of ints)."""
+    try:
+        mults = tuple(int(v) for v in values)
+    except ValueError as err:
+        raise FlagError(f"--channel_mult={','.join(values)}: expected "
+                        "positive integers.") from err
+    if not mults:
+        raise FlagError("--channel_mult is empty: expected one or more "
+                        "positive integers.")
+    return mults[0] if len(mults) == 1 else mults
+
+
 def from_flags(fv: flags.FlagValues = flags.FLAGS):
     """Validated config sections from parsed flags.
 
@@ -296,7 +314,8 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
             dataset=fv.dataset,
             image_size=fv.image_size if folder else None,
             image_channels=fv.image_channels if folder else None,
-            binary=binary, **model_values)
+            binary=binary, channel_mult=_channel_mult(fv.channel_mult),
+            **model_values)
         objective = ObjectiveConfig(
             total_steps=1, kl_anneal_portion=fv.kl_anneal_portion,
             kl_const_portion=fv.kl_const_portion,

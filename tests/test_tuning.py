@@ -157,3 +157,36 @@ def test_chief_and_two_workers_complete_a_search(tmp_path, image_dir):
     rows = _rows(tmp_path / "dist")
     assert sum(r["status"] == "completed" for r in rows) == 2
     assert os.path.exists(tmp_path / "dist" / "best.cfg")
+
+
+def test_trial_flags_round_trip_through_the_trainer_flags():
+    """A sampled architecture written as flags parses back to itself."""
+    import dataclasses
+
+    import keras_tuner as kt
+    from absl import flags
+
+    from nvae_tf import flags as nvae_flags
+    from nvae_tf.config import NVAEConfig
+    from tuning import space as space_lib
+
+    base = NVAEConfig(dataset="fashion_mnist", num_latent_scales=2,
+                      num_groups_per_scale=2, num_preprocess_blocks=1,
+                      num_postprocess_blocks=1, use_se=True, res_dist=True)
+    hp = kt.HyperParameters()
+    config = space_lib.sample_config(hp, space_lib.DEFAULT_SPACE, base)
+    assert set(hp.values) >= {"channel_mult_0", "channel_mult_1",
+                              "decoder_width_mult"}
+    hp.values.update(channel_mult_0=1, channel_mult_1=2, num_channels_enc=16,
+                     decoder_width_mult=2)
+    config = space_lib.sample_config(hp, space_lib.DEFAULT_SPACE, base)
+    assert config.channel_mult == (1, 2) and config.num_channels_dec == 32
+    base_lines = ["--dataset=fashion_mnist", "--num_latent_scales=2",
+                  "--num_preprocess_blocks=1", "--num_postprocess_blocks=1",
+                  "--use_se", "--res_dist"]
+    values = flags.FlagValues()
+    nvae_flags.define_flags(values)
+    values(["prog"] + base_lines +
+           space_lib.training_flags(config, space_lib.DEFAULT_SPACE))
+    parsed = nvae_flags.from_flags(values)[0]
+    assert parsed == dataclasses.replace(config, sync_batchnorm=True)
