@@ -146,7 +146,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     # ---- nvae_tf: run, data, hardware
     f.DEFINE_string("model_dir", None,
                     "Run directory (config.json, checkpoints/, TensorBoard "
-                    "events, saved_models/); default ROOT/eval-SAVE. "
+                    "events, eval_history.jsonl); default ROOT/eval-SAVE. "
                     "Rerunning on it resumes.", **fv)
     f.DEFINE_string("data_dir", None,
                     "Data folder: the Fashion-MNIST IDX files, the TFDS "
@@ -208,10 +208,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_integer("debug_inject_nan_at_step", -1,
                      "Test hook: NaN loss at steps [N, N + nan_patience) "
                      "until the first recovery; -1: off.", **fv)
-    f.DEFINE_bool("export", True, "Export a SavedModel at the end.", **fv)
+    f.DEFINE_bool("export", True, "Export a SavedModel to "
+                  "EXPORT_DIR_BASE/EXPORT_NAME/<step> at the end.", **fv)
+    f.DEFINE_string("export_dir_base", "saved_models",
+                    "Folder of exported models (TF Serving layout).", **fv)
     f.DEFINE_string("export_name", "",
-                    "MODEL_DIR/saved_models/<name>/<step>; default: the "
-                    "model directory's base name.", **fv)
+                    "Serving name of the export; default: the model "
+                    "directory's base name.", **fv)
 
 
 _DATACLASS_FIELD = re.compile(r"\b(?:NVAEConfig|DataConfig)\.(\w+)")

@@ -7,8 +7,8 @@ strategy, opens the data, saves the resolved config to MODEL_DIR/config.json
 (or checks it against the saved one when resuming), trains with
 `nvae_tf.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
 evaluates the test split and exports a SavedModel to
-MODEL_DIR/saved_models/<name>/<step>. Rerunning the same command resumes
-from the latest checkpoint. This file is intentionally kept short.
+saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
+resumes from the latest checkpoint. This file is intentionally kept short.
 """
 
 from __future__ import annotations
@@ -17,14 +17,19 @@ import dataclasses
 import json
 import os
 
+import keras
+import tensorflow as tf
 from absl import app
 from absl import flags
 from absl import logging
 
+from nvae_tf import checkpoints
+from nvae_tf import data as data_lib
 from nvae_tf import flags as nvae_flags
+from nvae_tf import trainer as trainer_lib
+from nvae_tf.model import NVAE
 
 FLAGS = flags.FLAGS
-SAVED_MODELS_SUBDIR = "saved_models"
 
 
 def _cluster_size() -> int:
@@ -43,8 +48,6 @@ def make_strategy(runtime):
     Must run before any other TensorFlow op (multi-worker collectives and
     logical devices are configured at program start).
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     gpus = tf.config.list_physical_devices("GPU")
     if runtime.num_cpu_devices > 1:
         if gpus:
@@ -87,7 +90,6 @@ def make_strategy(runtime):
 
 def check_resume_compatible(model_dir, model_config) -> None:
     """Refuses to resume a model directory with another architecture."""
-    from nvae_tf import checkpoints  # pylint: disable=import-outside-toplevel
     if not os.path.exists(checkpoints.config_path(model_dir)):
         return
     saved, _ = checkpoints.read_config(model_dir)
@@ -103,19 +105,17 @@ def check_resume_compatible(model_dir, model_config) -> None:
 
 
 def export_model(trainer, step: int) -> str | None:
-    """Writes MODEL_DIR/saved_models/<name>/<step> (chief only)."""
-    import keras  # pylint: disable=import-outside-toplevel
-    try:
-        from nvae_tf import export as export_lib  # noqa: E501 pylint: disable=import-outside-toplevel
+    """Writes EXPORT_DIR_BASE/<name>/<step> (chief only)."""
+    try:  # pylint: disable-next=import-outside-toplevel
+        from nvae_tf import export as export_lib
     except ImportError as err:
         logging.warning("SavedModel export skipped: nvae_tf.export is not "
                         "available (%s).", err)
         return None
-    from nvae_tf.model import NVAE  # pylint: disable=import-outside-toplevel
     model_dir = trainer.model_dir
     name = trainer.train.export_name or os.path.basename(
         os.path.normpath(model_dir))
-    export_dir = os.path.join(model_dir, SAVED_MODELS_SUBDIR, name, str(step))
+    export_dir = os.path.join(trainer.train.export_dir_base, name, str(step))
     if os.path.exists(export_dir):
         logging.info("SavedModel %s exists already.", export_dir)
         return export_dir
@@ -131,13 +131,14 @@ def export_model(trainer, step: int) -> str | None:
     return export_dir
 
 
-def run(model_config, data_config, objective, train, runtime, strategy):
-    """Trains (or resumes) and returns the final evaluation dict."""
-    import keras  # pylint: disable=import-outside-toplevel
-    from nvae_tf import checkpoints  # pylint: disable=import-outside-toplevel
-    from nvae_tf import data as data_lib  # noqa: E501 pylint: disable=import-outside-toplevel
-    from nvae_tf import trainer as trainer_lib  # noqa: E501 pylint: disable=import-outside-toplevel
+def build_trainer(model_config, data_config, objective, train, runtime,
+                  strategy):
+    """Checks the run against the data, the strategy and the model
+    directory, then builds the `Trainer` (model, optimizer, state).
 
+    Returns:
+      (trainer, DataInfo).
+    """
     keras.utils.set_random_seed(train.seed)
     keras.config.set_dtype_policy(runtime.keras_dtype_policy)
     replicas = strategy.num_replicas_in_sync
@@ -156,18 +157,27 @@ def run(model_config, data_config, objective, train, runtime, strategy):
     check_resume_compatible(runtime.model_dir, model_config)
     trainer = trainer_lib.Trainer(model_config, data_config, objective, train,
                                   runtime, strategy, length)
+    return trainer, info
+
+
+def run(model_config, data_config, objective, train, runtime, strategy):
+    """Trains (or resumes) and returns the final evaluation dict."""
+    trainer, info = build_trainer(model_config, data_config, objective,
+                                  train, runtime, strategy)
     if trainer.is_chief:
         checkpoints.write_config(runtime.model_dir, {
             "model": model_config.to_dict(),
             "data": dataclasses.asdict(data_config),
-            "objective": dataclasses.asdict(objective),
+            "objective": dataclasses.asdict(trainer.objective),
             "train": train.to_dict(), "runtime": runtime.to_dict(),
-            "run": {**dataclasses.asdict(length), "replicas": replicas,
+            "run": {**dataclasses.asdict(trainer.length),
+                    "replicas": strategy.num_replicas_in_sync,
                     "num_train": info.num_train, "num_eval": info.num_eval}})
     logging.info("%s: %d training images, %d steps of %d images (%d per "
                  "epoch, %d epochs), %s parameters.", data_config.dataset,
-                 info.num_train, length.total_steps, train.batch_size,
-                 length.steps_per_epoch, length.num_epochs,
+                 info.num_train, trainer.length.total_steps,
+                 train.batch_size, trainer.length.steps_per_epoch,
+                 trainer.length.num_epochs,
                  f"{trainer.model.count_params():,}")
     result = trainer.fit()
     if train.export and trainer.is_chief:

@@ -74,9 +74,13 @@ class TrainConfig:
       max_nan_recoveries: give up (raise) after this many recoveries.
       debug_inject_nan_at_step: test hook; if >= 0 the loss is made NaN at
         steps [N, N + nan_patience) until the first recovery.
-      export: write a SavedModel at the end of training.
-      export_name: `<name>` of `MODEL_DIR/saved_models/<name>/<step>`;
-        empty: the model directory's base name.
+      export: write a SavedModel at the end of training, to
+        `<export_dir_base>/<export_name>/<step>` (TF Serving's layout).
+      export_dir_base: folder of the exported models (relative paths are
+        relative to the working directory: the repository's
+        `saved_models/`).
+      export_name: the model's serving name; empty: the model directory's
+        base name.
     """
 
     batch_size: int = 200
@@ -98,6 +102,7 @@ class TrainConfig:
     max_nan_recoveries: int = 5
     debug_inject_nan_at_step: int = -1
     export: bool = True
+    export_dir_base: str = "saved_models"
     export_name: str = ""
 
     def __post_init__(self):
@@ -169,7 +174,7 @@ class RuntimeConfig:
 
     Attributes:
       model_dir: run directory: config.json, checkpoints/, TensorBoard
-        events (train/, eval/), saved_models/. Rerunning a command on the
+        events (train/, eval/), eval_history.jsonl. Rerunning a command on the
         same directory resumes it.
       strategy: `auto` (multi_worker if TF_CONFIG names several tasks,
         mirrored over the local GPUs or logical CPUs if there are several,

@@ -179,7 +179,7 @@ class Trainer:
         if runtime.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
         self._replica_fn = replica_step
-        self._train_step = tf.function(self._distributed_train_step)
+        self.train_step = tf.function(self._distributed_train_step)
         self._eval_step = tf.function(self._distributed_eval_step)
         self._image_fn = tf.function(self._summary_images)
         self._writers = {}
@@ -309,17 +309,24 @@ class Trainer:
             batch_index])
         seed = tf.random.experimental.stateless_fold_in(
             seed, ctx.replica_id_in_sync_group)
-        out = self.model(x, training=False, seed=seed)
-        return {"nelbo": tf.reduce_sum(out.nelbo),
-                "recon": tf.reduce_sum(out.recon_loss),
-                "kl": tf.reduce_sum(tf.add_n(out.kl_per_group)),
-                "count": tf.cast(tf.shape(x)[0], tf.float32)}
+
+        def forward():
+            out = self.model(x, training=False, seed=seed)
+            return [tf.reduce_sum(out.nelbo), tf.reduce_sum(out.recon_loss),
+                    tf.reduce_sum(tf.add_n(out.kl_per_group))]
+
+        # The last batch may leave a replica without images.
+        batch = tf.shape(x)[0]
+        sums = tf.cond(batch > 0, forward, lambda: [tf.zeros([])] * 3)
+        sums = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                              sums + [tf.cast(batch, tf.float32)])
+        return dict(zip(("nelbo", "recon", "kl", "count"), sums))
 
     def _distributed_eval_step(self, iterator, batch_index):
         sums = self.strategy.run(self._replica_eval,
                                  args=(next(iterator), batch_index))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums,
-                                    axis=None)
+        return {name: self.strategy.experimental_local_results(value)[0]
+                for name, value in sums.items()}
 
     def evaluate(self) -> dict:
         """Mean test-split NELBO (one posterior sample per image, beta = 1)."""
@@ -498,17 +505,17 @@ class Trainer:
         step = self.restore_or_initialize()
         eval_every = train.eval_every_epochs_resolved()
         sums, count = {}, 0
+        progbar, epoch = None, None
         while step < length.total_steps:
             iterator = self.train_batches(step)
             pass_end = (step // length.batches_per_pass + 1) * \
                 length.batches_per_pass
-            progbar, epoch = None, None
             while step < min(pass_end, length.total_steps):
                 if epoch != step // length.steps_per_epoch:
                     epoch = step // length.steps_per_epoch
                     progbar = self._progbar(epoch)
                 start = time.time()
-                metrics = self._train_step(iterator)
+                metrics = self.train_step(iterator)
                 last = {k: v.numpy() for k, v in metrics.items()}
                 step += 1
                 rate = self.data_config.batch_size / (time.time() - start)
@@ -526,6 +533,7 @@ class Trainer:
                     ("img/s", rate)])
                 if int(last["nonfinite_streak"]) >= train.nan_patience:
                     step = self.recover_from_nan()
+                    progbar, epoch = None, None
                     break
                 if step % train.summary_every_steps == 0:
                     means = {k: v / count for k, v in sums.items()}

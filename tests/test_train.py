@@ -53,7 +53,8 @@ def tiny_run(tmp_path_factory):
     proc = train_helpers.run_train(
         *train_helpers.TINY_FLAGS, f"--data_dir={data}",
         f"--model_dir={model_dir}", "--steps_per_epoch=3",
-        "--checkpoint_every_steps=2", "--keep_checkpoints=10")
+        "--checkpoint_every_steps=2", "--keep_checkpoints=10",
+        f"--export_dir_base={base / 'saved_models'}")
     return model_dir, proc.stderr, data
 
 
@@ -115,7 +116,8 @@ def test_run_writes_tensorboard_scalars_and_images(tiny_run):
 
 def test_run_exports_a_saved_model(tiny_run):
     model_dir, _, _ = tiny_run
-    export_dir = os.path.join(model_dir, "saved_models", "run", "6")
+    export_dir = os.path.join(os.path.dirname(model_dir), "saved_models",
+                              "run", "6")
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
     loaded = tf.saved_model.load(export_dir)
     images = loaded.signatures["sample"](
@@ -131,8 +133,10 @@ def test_rerun_of_a_finished_run_resumes_without_training(tiny_run):
     proc = train_helpers.run_train(
         *train_helpers.TINY_FLAGS, f"--data_dir={data}",
         f"--model_dir={model_dir}", "--steps_per_epoch=3",
-        "--checkpoint_every_steps=2", "--keep_checkpoints=10")
-    assert "at step 6" in proc.stderr and "Epoch" not in proc.stderr
+        "--checkpoint_every_steps=2", "--keep_checkpoints=10",
+        f"--export_dir_base={os.path.dirname(model_dir)}/saved_models")
+    assert "at step 6" in proc.stderr
+    assert "exists already" in proc.stderr and "Epoch" not in proc.stderr
     after = train_helpers.checkpoint_values(
         train_helpers.latest_checkpoint(model_dir))
     for name, value in before.items():
