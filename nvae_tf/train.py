@@ -202,4 +202,5 @@ def main(argv):
 
 if __name__ == "__main__":
     nvae_flags.define_flags()
+    flags.adopt_module_key_flags(nvae_flags)  # listed by --help
     app.run(main)

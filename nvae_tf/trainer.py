@@ -27,21 +27,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
-import sys
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from nvae_tf import checkpoints
 from nvae_tf import data as data_lib
-from nvae_tf import images as images_lib
-from nvae_tf import inference
+from nvae_tf import train_log
 from nvae_tf.model import NVAE
 from nvae_tf.optimizers import Adamax, WarmupCosineSchedule
 from nvae_tf.training import bits_per_dim, compute_loss
@@ -49,12 +45,10 @@ from nvae_tf.training import bits_per_dim, compute_loss
 # Official GradScaler for float16 (spec section 6.3).
 LOSS_SCALE_INIT = 2.0 ** 10
 LOSS_SCALE_GROWTH_STEPS = 2000
-# Stream ids folded into the run seed (independent random streams).
+# Stream id folded into the run seed for the evaluation noise (the sample
+# grids use 2 and 3, see `train_log`).
 EVAL_NOISE_STREAM = 1
-SAMPLE_NOISE_STREAMS = {0.7: 2, 1.0: 3}
 PHILOX_NORMALS_PER_COUNTER = 4  # float32 normals per Philox counter step
-EVAL_HISTORY_FILE = "eval_history.jsonl"
-NON_INTERACTIVE_PROGBAR_SECONDS = 30.0
 
 
 def pass_seed(seed: int, pass_index: int) -> int:
@@ -181,11 +175,10 @@ class Trainer:
         self._replica_fn = replica_step
         self.train_step = tf.function(self._distributed_train_step)
         self._eval_step = tf.function(self._distributed_eval_step)
-        self._image_fn = tf.function(self._summary_images)
-        self._writers = {}
-        self._fixed_images = None
+        self.log = train_log.TrainLog(
+            self.model, train, length, self.model_dir, self.is_chief,
+            fixed_images=self._fixed_images)
         self._last_saved_step = None
-        self._last_eval = None
 
     # ------------------------------------------------------------ the step
     def _replica_step(self, x, step, recoveries, loss_scale):
@@ -301,14 +294,19 @@ class Trainer:
         # Rebuilt each time: the same images and binarisation every time.
         return data_lib.make_datasets(self.data_config)[1]
 
+    def _fixed_images(self):
+        """The first test images, shown with their reconstructions."""
+        ds = self._eval_dataset().unbatch().take(
+            self.train.num_summary_images)
+        return np.stack(list(ds.as_numpy_iterator()))
+
     # ---------------------------------------------------------- evaluation
     def _replica_eval(self, x, batch_index):
         ctx = tf.distribute.get_replica_context()
-        seed = tf.stack([
-            tf.constant(self.train.seed, tf.int64) * 16 + EVAL_NOISE_STREAM,
-            batch_index])
-        seed = tf.random.experimental.stateless_fold_in(
-            seed, ctx.replica_id_in_sync_group)
+        fold_in = tf.random.experimental.stateless_fold_in
+        seed = tf.constant([self.train.seed, EVAL_NOISE_STREAM], tf.int64)
+        seed = fold_in(fold_in(seed, batch_index),
+                       ctx.replica_id_in_sync_group)
 
         def forward():
             out = self.model(x, training=False, seed=seed)
@@ -355,72 +353,6 @@ class Trainer:
                 "num_images": int(count),
                 "seconds": round(time.time() - start, 1)}
 
-    # ----------------------------------------------------------- summaries
-    def _summary_images(self, x):
-        n = self.train.num_summary_images
-        samples = {}
-        for temperature, stream in SAMPLE_NOISE_STREAMS.items():
-            seed = tf.constant([self.train.seed, stream], tf.int64)
-            samples[temperature] = self.model.sample(
-                n, temperature, seed=seed).images
-        return samples, inference.reconstruct(self.model, x)
-
-    def _writer(self, name):
-        if name not in self._writers:
-            self._writers[name] = tf.summary.create_file_writer(
-                os.path.join(self.model_dir, name)) if self.is_chief \
-                else tf.summary.create_noop_writer()
-        return self._writers[name]
-
-    def write_summaries(self, step: int, means: dict, last: dict) -> None:
-        """Scalars (running means since the last summary) and images."""
-        if not self.is_chief:
-            return
-        with self._writer("train").as_default(step=step):
-            for name, value in means.items():
-                tf.summary.scalar(name, value)
-            for name in ("learning_rate", "skipped_steps", "loss_scale",
-                         "nonfinite_streak"):
-                tf.summary.scalar(name, last[name])
-            tf.summary.scalar("nan_recoveries",
-                              int(self.nan_recoveries.numpy()))
-            for k, value in enumerate(last["kl_per_group"]):
-                tf.summary.scalar(f"kl_per_group/{k:03d}", value)
-                tf.summary.scalar(f"kl_gamma/{k:03d}", last["kl_gamma"][k])
-            if self._fixed_images is None:
-                ds = self._eval_dataset().unbatch().take(
-                    self.train.num_summary_images)
-                self._fixed_images = np.stack(list(ds.as_numpy_iterator()))
-            samples, recon = self._image_fn(self._fixed_images)
-            for temperature, images in samples.items():
-                tf.summary.image(f"samples/t={temperature}",
-                                 images_lib.make_grid(images.numpy())[None])
-            pairs = np.stack([self._fixed_images, recon.numpy()], axis=1)
-            tf.summary.image("reconstructions/input_then_reconstruction",
-                             images_lib.make_grid(
-                                 pairs.reshape((-1,) + pairs.shape[2:]),
-                                 columns=8)[None])
-        self._writer("train").flush()
-
-    def _record_eval(self, step: int, result: dict) -> None:
-        epoch = step / self.length.steps_per_epoch
-        logging.info("Evaluation at step %d (epoch %.2f): test NELBO %.3f "
-                     "nats, %.4f bits/dim (recon %.3f, KL %.3f; %d images, "
-                     "%.1f s).", step, epoch, result["nelbo"], result["bpd"],
-                     result["recon"], result["kl"], result["num_images"],
-                     result["seconds"])
-        self._last_eval = (step, result)
-        if not self.is_chief:
-            return
-        with self._writer("eval").as_default(step=step):
-            for name in ("nelbo", "recon", "kl", "bpd"):
-                tf.summary.scalar(name, result[name])
-        self._writer("eval").flush()
-        with tf.io.gfile.GFile(os.path.join(
-                self.model_dir, EVAL_HISTORY_FILE), "a") as f:
-            f.write(json.dumps({"step": step, "epoch": round(epoch, 4),
-                                **result}) + "\n")
-
     # --------------------------------------------------------- checkpoints
     def restore_or_initialize(self) -> int:
         """Resumes from model_dir's latest checkpoint or saves step 0."""
@@ -443,8 +375,17 @@ class Trainer:
         return step
 
     def _restore(self, path):
+        saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
         with self.strategy.scope():
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            if "optimizer" in saved:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+                return
+            # A model-only checkpoint (`nvae_tf.convert`, `save_model_dir`):
+            # the weights continue, the optimizer and step start afresh.
+            logging.info("%s holds model weights only: training continues "
+                         "from them with a fresh optimizer at step 0.", path)
+            tf.train.Checkpoint(model=self.model).restore(
+                path).assert_existing_objects_matched()
 
     def save(self) -> None:
         step = int(self.step.numpy())
@@ -489,65 +430,33 @@ class Trainer:
         return step
 
     # ---------------------------------------------------------------- loop
-    def _progbar(self, epoch: int):
-        per_epoch = self.length.steps_per_epoch
-        target = min(per_epoch, self.length.total_steps - epoch * per_epoch)
-        interactive = sys.stdout.isatty()
-        logging.info("Epoch %d/%d", epoch + 1, self.length.num_epochs)
-        return keras.utils.Progbar(
-            target, verbose=1 if self.is_chief else 0,
-            stateful_metrics=["img/s", "lr", "kl_coeff"],
-            interval=0.05 if interactive else NON_INTERACTIVE_PROGBAR_SECONDS)
-
     def fit(self) -> dict:
         """Trains to `total_steps` (resuming), evaluates, returns the result."""
         length, train = self.length, self.train
         step = self.restore_or_initialize()
         eval_every = train.eval_every_epochs_resolved()
-        sums, count = {}, 0
-        progbar, epoch = None, None
         while step < length.total_steps:
             iterator = self.train_batches(step)
             pass_end = (step // length.batches_per_pass + 1) * \
                 length.batches_per_pass
             while step < min(pass_end, length.total_steps):
-                if epoch != step // length.steps_per_epoch:
-                    epoch = step // length.steps_per_epoch
-                    progbar = self._progbar(epoch)
                 start = time.time()
-                metrics = self.train_step(iterator)
-                last = {k: v.numpy() for k, v in metrics.items()}
+                metrics = {k: v.numpy()
+                           for k, v in self.train_step(iterator).items()}
                 step += 1
-                rate = self.data_config.batch_size / (time.time() - start)
-                for key, value in last.items():
-                    if np.ndim(value) == 0 and key not in (
-                            "finite", "skipped_steps", "nonfinite_streak",
-                            "loss_scale", "learning_rate"):
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                count += 1
-                progbar.update(step - epoch * length.steps_per_epoch, [
-                    ("loss", float(last["loss"])),
-                    ("nelbo", float(last["nelbo"])),
-                    ("kl_coeff", float(last["kl_coeff"])),
-                    ("lr", float(last["learning_rate"])),
-                    ("img/s", rate)])
-                if int(last["nonfinite_streak"]) >= train.nan_patience:
+                self.log.step_done(
+                    step, metrics,
+                    self.data_config.batch_size / (time.time() - start),
+                    int(self.nan_recoveries.numpy()))
+                streak = int(metrics["nonfinite_streak"])
+                if streak >= train.nan_patience:
                     step = self.recover_from_nan()
-                    progbar, epoch = None, None
-                    break
-                if step % train.summary_every_steps == 0:
-                    means = {k: v / count for k, v in sums.items()}
-                    logging.info("step %d/%d: %s, %.1f img/s", step,
-                                 length.total_steps, ", ".join(
-                                     f"{k} {v:.4g}" for k, v in
-                                     sorted(means.items())), rate)
-                    self.write_summaries(step, means, last)
-                    sums, count = {}, 0
+                    self.log.reset_progress()
+                    break  # a new iterator at the restored step
                 epoch_end = step % length.steps_per_epoch == 0
-                streak = int(last["nonfinite_streak"])
                 if epoch_end and (step // length.steps_per_epoch) % \
                         eval_every == 0:
-                    self._record_eval(step, self.evaluate())
+                    self.log.record_eval(step, self.evaluate())
                 every = train.checkpoint_every_steps
                 if streak == 0 and ((every and step % every == 0) or
                                     (not every and epoch_end)):
@@ -555,9 +464,9 @@ class Trainer:
         self.save()
         logging.info("Final weights fingerprint %s at step %d.",
                      self.weights_fingerprint(), step)
-        if self._last_eval is None or self._last_eval[0] != step:
-            self._record_eval(step, self.evaluate())
-        return {"step": step, **self._last_eval[1]}
+        if self.log.last_eval is None or self.log.last_eval[0] != step:
+            self.log.record_eval(step, self.evaluate())
+        return {"step": step, **self.log.last_eval[1]}
 
     def weights_fingerprint(self) -> str:
         """SHA-256 prefix of all model weights (equal on every worker)."""
