@@ -41,8 +41,12 @@ class SqueezeExcite(keras.layers.Layer):
         self.squeeze.build((None, channels))
         self.excite.build((None, hidden))
 
-    def call(self, inputs):
+    def call(self, inputs, scale=1.0):
+        """Gated inputs; `scale` multiplies the [B, C] gate (cheaper than
+        scaling the output)."""
         gate = self.excite(self.squeeze(tf.reduce_mean(inputs, axis=(1, 2))))
+        if scale != 1.0:
+            gate = gate * scale
         return inputs * gate[:, None, None, :]
 
     def compute_output_shape(self, input_shape):
@@ -115,11 +119,35 @@ class InvertedResidual(keras.layers.Layer):
         self.bn_out.build(_conv_shape(shape, self.filters))
 
     def call(self, inputs, training=None):
+        if not training:
+            return self.inference(inputs)
         x = upsample_nearest(inputs) if self.strides == -1 else inputs
         x = self.bn_in(x, training=training)
         x = self.expand(x, training=training)
         x = self.depthwise(x, training=training)
         return self.bn_out(self.project(x), training=training)
+
+    def inference(self, inputs):
+        """Inference mode: every BN folded into a convolution.
+
+        bn_in and the expansion BN fold into the 1x1 expansion, the others
+        into the depthwise and projection convolutions. The expansion and
+        its Swish are pointwise, so an up-sampling cell runs them before the
+        nearest-neighbour up-sampling, on a quarter of the pixels.
+        """
+        in_scale, in_shift = self.bn_in.inference_affine()
+        scale, shift = self.expand.bn.inference_affine()
+        kernel = self.expand.conv.effective_kernel()  # [1, 1, C, hidden]
+        bias = tf.linalg.matvec(kernel[0, 0], in_shift, transpose_a=True)
+        kernel = kernel * in_scale[None, None, :, None] * scale
+        x = tf.nn.silu(self.expand.conv.convolve(inputs, kernel,
+                                                 bias * scale + shift))
+        if self.strides == -1:
+            x = upsample_nearest(x)
+        x = self.depthwise.inference(x)
+        kernel, bias = self.project.folded_kernel_and_bias(
+            *self.bn_out.inference_affine())
+        return self.project.convolve(x, kernel, bias)
 
     def compute_output_shape(self, input_shape):
         factor = {1: 1.0, 2: 0.5, -1: 2.0}[self.strides]
@@ -211,10 +239,13 @@ class UpsampleSkip(keras.layers.Layer):
         self.conv.build(_conv_shape(input_shape, input_shape[-1], 2.0))
 
     def call(self, inputs):
+        # The 1x1 convolution (no bias) and the bilinear resize are both
+        # linear and act on different axes, so they commute: convolving
+        # first works on a quarter of the pixels and resizes fewer channels.
+        y = self.conv(inputs)
         size = tf.shape(inputs)[1:3] * 2
-        up = tf.compat.v1.image.resize_bilinear(inputs, size,
-                                                align_corners=True)
-        return self.conv(tf.cast(up, inputs.dtype))
+        up = tf.compat.v1.image.resize_bilinear(y, size, align_corners=True)
+        return tf.cast(up, y.dtype)
 
     def compute_output_shape(self, input_shape):
         return _conv_shape(input_shape, self.filters, 2.0)

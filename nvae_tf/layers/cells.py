@@ -99,13 +99,35 @@ class ResidualCell(CheckpointableCollections, keras.layers.Layer):
             self.se.build(shape)
 
     def call(self, inputs, training=None):
-        branch = inputs
-        for op in self.ops:
-            branch = op(branch, training=training)
-        if self.se is not None:
-            branch = self.se(branch)
+        if training:
+            branch = inputs
+            for op in self.ops:
+                branch = op(branch, training=training)
+        else:
+            branch = self._inference_branch(inputs)
         skip = inputs if self.skip is None else self.skip(inputs)
+        if self.se is not None:  # the 0.1 goes into the SE gate
+            return skip + self.se(branch, scale=RESIDUAL_BRANCH_SCALE)
         return skip + RESIDUAL_BRANCH_SCALE * branch
+
+    def _inference_branch(self, inputs):
+        """The operations in inference mode, each BN folded into a conv.
+
+        A `BNSwishConv` followed by another one takes the second one's BN
+        into its convolution (conv -> BN is exact to fold; BN -> Swish ->
+        conv is not).
+        """
+        branch, normalized = inputs, False
+        for op, after in zip(self.ops, self.ops[1:] + [None]):
+            if isinstance(op, BNSwishConv):
+                next_bn = after.bn if isinstance(after, BNSwishConv) \
+                    else None
+                branch = op.inference(branch, normalized=normalized,
+                                      next_bn=next_bn)
+                normalized = next_bn is not None
+            else:
+                branch = op.inference(branch)
+        return branch
 
     def compute_output_shape(self, input_shape):
         shape = input_shape

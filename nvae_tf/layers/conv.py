@@ -202,8 +202,24 @@ class WeightNormConv2D(keras.layers.Layer):
         p = self.padding
         return [[0, 0], [p, p], [p, p], [0, 0]]
 
+    def folded_kernel_and_bias(self, scale, shift):
+        """Kernel and bias of this conv followed by `y * scale + shift`.
+
+        Folds a per-output-channel affine map (an inference-mode BN) into
+        the convolution; exact for any padding or stride.
+        """
+        gain_shape = (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1)
+        kernel = self.effective_kernel() * tf.reshape(scale, gain_shape)
+        bias = shift if not self.use_bias else self.bias * scale + shift
+        return kernel, bias
+
     def call(self, inputs):
-        kernel = tf.cast(self.effective_kernel(), inputs.dtype)
+        return self.convolve(inputs, self.effective_kernel(),
+                             self.bias if self.use_bias else None)
+
+    def convolve(self, inputs, kernel, bias=None):
+        """This layer's convolution with a given kernel and optional bias."""
+        kernel = tf.cast(kernel, inputs.dtype)
         padding = self._padding_arg()
         dilations = (self.dilation_rate, self.dilation_rate)
         if self.depthwise and padding == "SAME" and \
@@ -222,8 +238,8 @@ class WeightNormConv2D(keras.layers.Layer):
         else:
             y = tf.nn.conv2d(inputs, kernel, self.strides, padding,
                              dilations=dilations)
-        if self.use_bias:
-            y = tf.nn.bias_add(y, tf.cast(self.bias, y.dtype))
+        if bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
         return y
 
     def compute_output_shape(self, input_shape):
@@ -284,7 +300,15 @@ class ConvBNSwish(keras.layers.Layer):
         self.bn.build(self.conv.compute_output_shape(input_shape))
 
     def call(self, inputs, training=None):
+        if not training:
+            return self.inference(inputs)
         return self.bn(self.conv(inputs), training=training)
+
+    def inference(self, inputs):
+        """Inference mode with the BN folded into the convolution."""
+        kernel, bias = self.conv.folded_kernel_and_bias(
+            *self.bn.inference_affine())
+        return tf.nn.silu(self.conv.convolve(inputs, kernel, bias))
 
     def compute_output_shape(self, input_shape):
         return self.conv.compute_output_shape(input_shape)
@@ -341,6 +365,27 @@ class BNSwishConv(keras.layers.Layer):
         if self.strides == -1:
             y = upsample_nearest(y)
         return self.conv(y)
+
+    def inference(self, inputs, normalized=False, next_bn=None):
+        """Inference mode; BNs folded where that is exact.
+
+        Args:
+          inputs: the unit's input.
+          normalized: `inputs` already had this unit's BN applied (folded
+            into the previous convolution): only Swish remains.
+          next_bn: a `BatchNorm` applied to this unit's output; it is folded
+            into the convolution.
+        """
+        y = inputs if normalized else self.bn(inputs, training=False)
+        if normalized:
+            y = tf.nn.silu(y)
+        if self.strides == -1:
+            y = upsample_nearest(y)
+        if next_bn is None:
+            return self.conv(y)
+        kernel, bias = self.conv.folded_kernel_and_bias(
+            *next_bn.inference_affine())
+        return self.conv.convolve(y, kernel, bias)
 
     def compute_output_shape(self, input_shape):
         size = input_shape[1]

@@ -100,6 +100,11 @@ class BatchNorm(keras.layers.Layer):
             y = tf.nn.silu(y)
         return tf.cast(y, self.compute_dtype)
 
+    def inference_affine(self):
+        """(scale, shift) with inference-mode BN(x) = x * scale + shift."""
+        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+        return scale, self.beta - self.moving_mean * scale
+
     def compute_output_shape(self, input_shape):
         return input_shape
 
