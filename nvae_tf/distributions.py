@@ -209,16 +209,19 @@ class DiscretizedLogisticMixture(tfd.Distribution):
             mixture_logits [B, H, W, M]; locs, clamped log_scales and tanh'd
             coeffs (None if C = 1), each [B, H, W, C, M].
         """
+        # tf.split rather than strided slices: the gradient of a split is a
+        # concat, that of a slice a scatter into a full-size zero tensor.
         m = self._num_mixtures
-        mixture_logits = self._logits[..., :m]
+        mixture_logits, rest = tf.split(self._logits, [m, -1], axis=-1)
         per_colour = tf.reshape(  # colour-major: [B, H, W, C, block]
-            self._logits[..., m:],
-            tf.concat([tf.shape(self._logits)[:3], [self._num_channels, -1]],
-                      axis=0))
-        locs = per_colour[..., :m]
-        log_scales = tf.maximum(per_colour[..., m:2 * m], LOG_SCALE_MIN)
-        coeffs = (tf.tanh(per_colour[..., 2 * m:])
-                  if self._num_channels == 3 else None)
+            rest, tf.concat([tf.shape(self._logits)[:3],
+                             [self._num_channels, -1]], axis=0))
+        if self._num_channels == 3:
+            locs, log_scales, coeffs = tf.split(per_colour, 3, axis=-1)
+            coeffs = tf.tanh(coeffs)
+        else:
+            (locs, log_scales), coeffs = tf.split(per_colour, 2, axis=-1), None
+        log_scales = tf.maximum(log_scales, LOG_SCALE_MIN)
         return mixture_logits, locs, log_scales, coeffs
 
     def pixel_log_prob(self, x):
@@ -231,11 +234,11 @@ class DiscretizedLogisticMixture(tfd.Distribution):
         y = 2.0 * tf.cast(x, tf.float32) - 1.0  # [B, H, W, C]
         if coeffs is not None:  # data values shift G's and B's locations
             red, green = y[..., 0:1], y[..., 1:2]
+            loc_r, loc_g, loc_b = tf.unstack(locs, axis=-2)
+            coef_rg, coef_rb, coef_gb = tf.unstack(coeffs, axis=-2)
             locs = tf.stack([
-                locs[..., 0, :],
-                locs[..., 1, :] + coeffs[..., 0, :] * red,
-                locs[..., 2, :] + coeffs[..., 1, :] * red
-                + coeffs[..., 2, :] * green], axis=-2)
+                loc_r, loc_g + coef_rg * red,
+                loc_b + coef_rb * red + coef_gb * green], axis=-2)
         log_probs = _discretized_logistic_log_prob(
             y[..., None], locs, log_scales, self._num_bits)  # [B,H,W,C,M]
         log_probs = (tf.reduce_sum(log_probs, axis=-2)
