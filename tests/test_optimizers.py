@@ -114,6 +114,62 @@ def test_adamax_with_schedule_in_model_fit():
     assert np.all(np.diff(losses) < 0) and losses[-1] < 0.1 * losses[0]
 
 
+class _PerVariableAdamax(Adamax):
+    """The straightforward update: every scalar made per variable, slots
+    re-read after their assignment (the form before the shared per-step
+    scalars)."""
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars,
+                                    learning_rate):
+        for grad, var in grads_and_vars:
+            distribution.extended.update(
+                var, lambda v, g, lr: self.update_step(g, v, lr),
+                args=(grad, learning_rate), group=False)
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        gradient = tf.cast(gradient, dtype)
+        step = tf.cast(self.iterations + 1, dtype)
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        u = self._norms[index]
+        gradient = gradient + self.l2_weight_decay * variable
+        self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * gradient)
+        self.assign(u, tf.maximum(self.beta_2 * u,
+                                  tf.abs(gradient) + self.epsilon))
+        bias_correction = 1.0 - tf.pow(tf.cast(self.beta_1, dtype), step)
+        self.assign_sub(variable, lr / bias_correction * m / u)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("schedule", [False, True])
+def test_adamax_shared_step_scalars_equal_per_variable_update(compiled,
+                                                              schedule):
+    """Bit-for-bit the per-variable form, over steps (nothing stale)."""
+    rng = np.random.default_rng(3)
+    shapes = [(3, 3, 4, 5), (5,), (7, 2), ()]
+    init = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [[rng.normal(size=s).astype(np.float32) * 10.0 ** -k
+              for s in shapes] for k in range(4)]
+    finals = []
+    for cls in (Adamax, _PerVariableAdamax):
+        lr = (WarmupCosineSchedule(0.05, 1e-3, steps_per_epoch=2, epochs=4,
+                                   warmup_epochs=1) if schedule else 0.01)
+        opt = cls(learning_rate=lr, l2_weight_decay=0.1)
+        variables = [tf.Variable(v) for v in init]
+
+        def apply(gs, opt=opt, variables=variables):
+            opt.apply_gradients(zip(gs, variables))
+        if compiled:
+            apply = tf.function(apply)
+        for gs in grads:
+            apply([tf.constant(g) for g in gs])
+        finals.append([v.numpy() for v in variables + opt.variables])
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_adamax_first_step_with_schedule_is_a_no_op():
     # lr is exactly 0 at step 0, so even the coupled decay does nothing.
     schedule = WarmupCosineSchedule(0.01, 1e-4, steps_per_epoch=10, epochs=20)
