@@ -73,6 +73,26 @@ class MaskedConv2D(WeightNormConv2D):
         return autoregressive_mask(self.kernel_size, in_channels, self.filters,
                                    self.depthwise, self.zero_diag, self.mirror)
 
+    def convolve(self, inputs, kernel, bias=None):
+        """The masked convolution without its all-zero kernel rows.
+
+        Rows below the centre (above it if mirrored) are masked out, so a
+        k x k kernel is a (k + 1) / 2 x k one with one-sided padding: the
+        same output for about half the multiply-adds. Depthwise convolutions
+        keep the full kernel (their fast 'SAME' gradient needs it).
+        """
+        m = (self.kernel_size - 1) // 2
+        if self.depthwise or m == 0 or self.strides != 1 or \
+                self.dilation_rate != 1:
+            return super().convolve(inputs, kernel, bias)
+        rows = kernel[m:] if self.mirror else kernel[:m + 1]
+        vertical = [0, m] if self.mirror else [m, 0]
+        y = tf.nn.conv2d(inputs, tf.cast(rows, inputs.dtype), 1,
+                         [[0, 0], vertical, [m, m], [0, 0]])
+        if bias is not None:
+            y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
+        return y
+
     def get_config(self):
         config = super().get_config()
         config.update(zero_diag=self.zero_diag, mirror=self.mirror)

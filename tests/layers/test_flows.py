@@ -116,6 +116,8 @@ def test_mask_depthwise(zero_diag):
     dict(filters=6, kernel_size=5, depthwise=True, mirror=True,
          use_bias=False),
     dict(filters=2, kernel_size=1, gain_init_scale=0.1),
+    dict(filters=4, kernel_size=3, mirror=True),
+    dict(filters=4, kernel_size=5, zero_diag=True, mirror=True),
 ])
 def test_masked_conv(kwargs, regime):
     in_channels = 6 if kwargs.get("depthwise") or kwargs["kernel_size"] == 1 \
@@ -154,6 +156,32 @@ def test_masked_conv(kwargs, regime):
     for key in ("zero_diag", "mirror", "depthwise", "padding"):
         assert clone.get_config()[key] == conv.get_config()[key]
     np.testing.assert_array_equal(conv(x), clone(x))
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_masked_conv_cropped_kernel_matches_full_kernel(mirror, kernel_size):
+    """The conv skips the masked half of the kernel: same value, same grads."""
+    conv = MaskedConv2D(4, kernel_size, zero_diag=True, mirror=mirror)
+    shape = (2, 6, 6, 2)
+    conv.build(shape)
+    randomize_weights(conv)
+    x = tf.constant(_input(shape, seed=3))
+    dy = tf.constant(_input(shape[:3] + (4,), seed=4))
+
+    def run(convolve):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = convolve(x, conv.effective_kernel(), conv.bias)
+        return [y] + tape.gradient(y, [x] + conv.trainable_variables, dy)
+
+    full = lambda x, k, b: super(MaskedConv2D, conv).convolve(x, k, b)  # noqa
+    for cropped, plain in zip(run(conv.convolve), run(full)):
+        np.testing.assert_allclose(cropped, plain, rtol=1e-5, atol=1e-5)
+    graph = tf.function(conv).get_concrete_function(x).graph
+    kernels = [op.inputs[1].shape for op in graph.get_operations()
+               if op.type == "Conv2D"]
+    assert kernels == [((kernel_size + 1) // 2, kernel_size, 2, 4)]
 
 
 def test_masked_conv_errors():
