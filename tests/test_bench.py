@@ -211,3 +211,32 @@ def test_cli_smoke_on_tiny_config():
     assert result["config"] == "tiny" and result["params"] > 0
     assert 0 < result["train_step_s"] and 0 < result["sample_s"]
     assert result["peak_rss_mb"] > 100
+
+
+def test_lean_grappler_gives_the_same_loss_and_gradients():
+    """`--grappler=lean` (the default) vs TensorFlow's default passes."""
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+    call_options = context.context().function_call_options
+    saved = call_options.config_proto_serialized
+    config, batch, objective = bench.resolve_config("tiny")
+    model, _, _, _, _ = bench.build_functions(config, batch, objective)
+    x = tf.constant(bench._synthetic_batch(config, batch, seed=3))
+    eps = [tf.random.stateless_normal(shape, seed=(4, k))
+           for k, shape in enumerate(model.latent_shapes(batch))]
+    loss, grads = _loss_and_grads(model, x, eps, objective, compiled=True)
+    try:
+        bench.set_grappler_options(bench.GRAPPLER["lean"])
+        rewrite = config_pb2.ConfigProto.FromString(
+            call_options.config_proto_serialized).graph_options.rewrite_options
+        assert rewrite.memory_optimization == \
+            rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+        assert rewrite.disable_tfg_optimizer
+        lean_loss, lean_grads = _loss_and_grads(model, x, eps, objective,
+                                                compiled=True)
+    finally:
+        call_options.config_proto_serialized = \
+            config_pb2.ConfigProto.FromString(saved)
+    _assert_close(lean_loss, loss, "loss", rtol=1e-6)
+    for variable, a, b in zip(model.trainable_variables, lean_grads, grads):
+        _assert_close(a, b, f"gradient of {variable.path}", rtol=1e-6)
