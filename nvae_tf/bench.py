@@ -25,7 +25,8 @@ PyTorch figures (`REFERENCE`). A FLAGFILE is a trainer flagfile
 (`configs/*.cfg`), read with `nvae_tf.flags`. `--jit_compile` and
 `--mixed_precision` measure the alternatives to the default float32,
 non-XLA path. `--grappler=default` optimises the graphs with all of
-TensorFlow's default Grappler passes instead of the `lean` set (`GRAPPLER`).
+TensorFlow's default Grappler passes instead of the `lean` set
+(`nvae_tf.graph_options.GRAPPLER`).
 See docs/performance.md.
 """
 
@@ -42,6 +43,7 @@ import tempfile
 import time
 
 from nvae_tf.config import NVAEConfig
+from nvae_tf.graph_options import GRAPPLER, set_grappler_options
 
 # Benchmark presets: (model config, batch size). Parameter counts match the
 # official code for the same flags (issue 7).
@@ -91,28 +93,6 @@ REFERENCE = {
 }
 TIMED = ("train_step", "eval", "sample")
 
-# Grappler (TF's graph optimiser) settings of the timed functions, fields of
-# `RewriterConfig`. "lean" drops the passes that cost setup time and memory
-# but do nothing for these graphs on a CPU: the memory optimiser (2-3 s per
-# mnist-small train step graph, +470 nodes, more peak RSS), the TFG (MLIR)
-# passes, layout (NHWC already), loop and implementation selection (no loops
-# or function alternatives). Pruning, common-subgraph elimination, constant
-# folding, arithmetic and dependency optimisation and the remapper (which
-# fuses conv + bias / BN + activation for oneDNN) stay, with both of the
-# default two meta-optimiser iterations: turning those off cost step time
-# (one iteration: +4% train CPU; no arithmetic optimisation: more) or RSS (no
-# constant folding: +100 MB). Measured (first call of the train step, CPU
-# s; peak RSS MB; train step CPU in an in-process A/B): mnist-small 14.9 ->
-# 9.1 s, 1969 -> 1920 MB, 0.99x; cifar-small 28.7 -> 21.0 s, 3427 -> 3341
-# MB, 0.99x. Loss and gradients are unchanged (tests/test_bench.py).
-GRAPPLER = {
-    "default": {},
-    "lean": {"memory_optimization": "NO_MEM_OPT",
-             "disable_tfg_optimizer": True,
-             "layout_optimizer": "OFF",
-             "loop_optimization": "OFF",
-             "implementation_selector": "OFF"},
-}
 POLL_SECONDS = 0.05
 
 
@@ -229,35 +209,6 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         return model.sample(batch_size, 1.0).images
 
     return model, optimizer, train_step, eval_step, sample
-
-
-def set_grappler_options(options: dict) -> None:
-    """Sets `RewriterConfig` fields for `tf.function`s called in this thread.
-
-    `tf.config.optimizer.set_experimental_options` exposes only some of the
-    fields (not `memory_optimization` nor `disable_tfg_optimizer`), so this
-    edits the ConfigProto the eager context passes to function calls. Call it
-    after any other `tf.config` change (those rebuild that ConfigProto) and
-    before the first call of a function (the graph is optimised then).
-
-    Args:
-      options: field name -> value; enum fields by name ("OFF",
-        "NO_MEM_OPT", ...).
-    """
-    if not options:
-        return
-    from tensorflow.core.protobuf import config_pb2
-    from tensorflow.python.eager import context
-    call_options = context.context().function_call_options
-    config = config_pb2.ConfigProto.FromString(
-        call_options.config_proto_serialized)
-    rewrite = config.graph_options.rewrite_options
-    for name, value in options.items():
-        field = rewrite.DESCRIPTOR.fields_by_name[name]
-        if isinstance(value, str):
-            value = field.enum_type.values_by_name[value].number
-        setattr(rewrite, name, value)
-    call_options.config_proto_serialized = config
 
 
 def _wait_for_turn(sync_dir: str, index: int):

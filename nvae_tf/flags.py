@@ -34,6 +34,7 @@ from absl import flags
 
 from nvae_tf import config as config_lib
 from nvae_tf import data as data_lib
+from nvae_tf.graph_options import GRAPPLER
 from nvae_tf.train_config import (MIXED_PRECISION, STRATEGIES, RuntimeConfig,
                                   TrainConfig)
 from nvae_tf.training import ObjectiveConfig
@@ -183,6 +184,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                   **fv)
     f.DEFINE_bool("jit_compile", False,
                   "XLA-compile the step (one replica; slower on CPU).", **fv)
+    f.DEFINE_enum("grappler", "lean", list(GRAPPLER),
+                  "Grappler passes of the training graphs; lean: without "
+                  "the memory optimiser, TFG, layout, loop and "
+                  "implementation-selector passes (first step ~20% less "
+                  "CPU, less memory, same results); default: TensorFlow's.",
+                  **fv)
     f.DEFINE_integer("num_cpu_devices", 0,
                      "Split the CPU into this many logical devices (to run "
                      "MirroredStrategy without GPUs).", **fv)
@@ -333,7 +340,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
         runtime = RuntimeConfig(
             model_dir=model_dir, strategy=fv.strategy,
             mixed_precision=fv.mixed_precision, jit_compile=fv.jit_compile,
-            num_cpu_devices=fv.num_cpu_devices,
+            num_cpu_devices=fv.num_cpu_devices, grappler=fv.grappler,
             require_checkpoint=fv.cont_training)
         data_config = data_lib.DataConfig.from_model_config(
             model_config, batch_size=fv.batch_size, seed=fv.seed,

@@ -29,6 +29,8 @@ import dataclasses
 import math
 from typing import Any
 
+from nvae_tf.graph_options import GRAPPLER
+
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
 # Official evaluation cadence (spec section 6.5): every epoch for runs of at
@@ -185,6 +187,10 @@ class RuntimeConfig:
         slower on CPU).
       num_cpu_devices: if > 1, split the host CPU into this many logical
         devices (to run MirroredStrategy on a CPU-only machine).
+      grappler: Grappler passes of the step functions, a key of
+        `graph_options.GRAPPLER`: `lean` (without the memory optimiser,
+        TFG, layout, loop and implementation-selector passes; faster first
+        step, less memory) or `default` (TensorFlow's).
       require_checkpoint: fail if `model_dir` holds no checkpoint to resume
         (official `--cont_training`).
     """
@@ -194,6 +200,7 @@ class RuntimeConfig:
     mixed_precision: str = "none"
     jit_compile: bool = False
     num_cpu_devices: int = 0
+    grappler: str = "lean"
     require_checkpoint: bool = False
 
     def __post_init__(self):
@@ -206,6 +213,9 @@ class RuntimeConfig:
             raise ValueError(
                 f"--mixed_precision={self.mixed_precision!r} is invalid: "
                 f"expected one of {', '.join(MIXED_PRECISION)}.")
+        if self.grappler not in GRAPPLER:
+            raise ValueError(f"--grappler={self.grappler!r} is invalid: "
+                             f"expected one of {', '.join(GRAPPLER)}.")
         if not isinstance(self.num_cpu_devices, int) or \
                 self.num_cpu_devices < 0:
             raise ValueError(f"--num_cpu_devices={self.num_cpu_devices!r} "

@@ -37,6 +37,7 @@ from absl import logging
 
 from nvae_tf import checkpoints
 from nvae_tf import data as data_lib
+from nvae_tf import graph_options
 from nvae_tf import train_log
 from nvae_tf.model import NVAE
 from nvae_tf.optimizers import Adamax, WarmupCosineSchedule
@@ -131,6 +132,11 @@ class Trainer:
         self.is_chief = bool(strategy.extended.should_checkpoint)
         self.num_replicas = strategy.num_replicas_in_sync
         self.float16 = runtime.mixed_precision == "float16"
+        # Grappler passes of every function this thread calls from now on;
+        # after the strategy's tf.config calls (which reset them), before
+        # the first call (which optimises the graph).
+        graph_options.set_grappler_options(
+            graph_options.GRAPPLER[runtime.grappler])
         with strategy.scope():
             self.model = NVAE(model_config, seed=train.seed)
             self.model.build()

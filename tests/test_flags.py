@@ -151,6 +151,7 @@ def test_official_multi_gpu_flags_explain_the_global_batch():
 @pytest.mark.parametrize("argv, flag", [
     (["--strategy=bogus"], "strategy"),
     (["--mixed_precision=fp8"], "mixed_precision"),
+    (["--grappler=fast"], "grappler"),
     (["--batch_size=abc"], "batch_size"),
     (["--dataset=svhn"], "dataset"),
 ])
@@ -171,3 +172,15 @@ def test_cli_fails_fast_naming_the_flag(tmp_path):
     assert "--warmup_epochs=3 is invalid" in proc.stderr
     assert not model_dir.exists()  # nothing was written
     assert time.time() - start < 60
+
+
+def test_grappler_flag_reaches_the_runtime_config():
+    assert configs_from()[-1].grappler == "lean"
+    assert configs_from("--grappler=default")[-1].grappler == "default"
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match=r"--grappler=fast: value should be one of "
+                             r"<default\|lean>"):
+        parse("--grappler=fast")
+    with pytest.raises(ValueError, match=r"--grappler='fast' is invalid: "
+                       r"expected one of default, lean"):
+        RuntimeConfig(grappler="fast")

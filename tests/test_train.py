@@ -67,6 +67,7 @@ def test_run_writes_config_checkpoints_and_final_line(tiny_run):
     assert sections["run"]["total_steps"] == 6
     assert sections["objective"]["total_steps"] == 6  # resolved
     assert sections["model"]["num_channels_enc"] == 4
+    assert sections["runtime"]["grappler"] == "lean"  # the default
     steps = sorted(train_helpers.checkpoint_step(p) for p in
                    tf.train.get_checkpoint_state(os.path.join(
                        model_dir, "checkpoints")).all_model_checkpoint_paths)
@@ -153,3 +154,57 @@ def test_resume_with_another_architecture_is_refused(tiny_run):
     assert "different architecture" in proc.stderr
     assert "--num_channels_enc: saved 4, flags 6" in proc.stderr
     assert "--num_latent_per_group: saved 4, flags 2" in proc.stderr
+
+
+def _replica_loss_and_grads(tr):
+    """The trainer's step-0 loss and gradients, from a freshly traced
+    `tf.function` (optimised with this thread's current Grappler options)."""
+    state = [v.numpy() for v in tr.model.non_trainable_variables]
+    zero = tf.constant(0, tf.int64)
+
+    @tf.function
+    def step(iterator):
+        grads, metrics, _, _ = tr.strategy.run(tr._replica_fn, args=(
+            next(iterator), zero, zero, tf.constant(1.0)))
+        return grads, metrics["loss"]
+
+    grads, loss = step(tr.train_batches(0))
+    for variable, value in zip(tr.model.non_trainable_variables, state):
+        variable.assign(value)  # BN statistics, power-iteration vectors
+    return float(loss), [g.numpy() for g in grads]
+
+
+def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
+        tmp_path):
+    """`--grappler=lean` (the default) vs TensorFlow's default passes."""
+    from absl import flags
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from nvae_tf import flags as nvae_flags
+    from nvae_tf import graph_options, train
+    from tests.test_graph_options import rewriter_config
+    data = train_helpers.make_image_folder(str(tmp_path / "images"))
+    values = flags.FlagValues()
+    nvae_flags.define_flags(values)
+    values(["train", *train_helpers.TINY_FLAGS, f"--data_dir={data}",
+            f"--model_dir={tmp_path / 'run'}", "--strategy=one_device"])
+    configs = nvae_flags.from_flags(values)
+    assert configs[-1].grappler == "lean"
+    try:
+        tr, _ = train.build_trainer(*configs, train.make_strategy(configs[-1]))
+        rewrite = rewriter_config()  # set by the Trainer
+        assert rewrite.memory_optimization == \
+            rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+        assert rewrite.disable_tfg_optimizer
+        lean_loss, lean_grads = _replica_loss_and_grads(tr)
+        graph_options.set_grappler_options(graph_options.GRAPPLER["default"])
+        assert rewriter_config().memory_optimization == \
+            rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
+        loss, grads = _replica_loss_and_grads(tr)
+    finally:
+        graph_options.set_grappler_options(graph_options.GRAPPLER["default"])
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(lean_loss, loss, rtol=1e-6)
+    assert len(grads) == len(tr.model.trainable_variables)
+    for variable, a, b in zip(tr.model.trainable_variables, lean_grads, grads):
+        scale = max(float(np.abs(b).max()), 1e-12)
+        assert float(np.abs(a - b).max()) <= 1e-6 * scale, variable.path
