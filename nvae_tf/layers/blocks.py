@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
-from nvae_tf.layers.norm import BatchNorm, swish
+from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.tracking import CheckpointableCollections
 
 SE_REDUCTION = 16  # SE bottleneck = channels // 16 ...
@@ -199,7 +199,7 @@ class FactorizedReduce(CheckpointableCollections, keras.layers.Layer):
             conv.build(input_shape)
 
     def call(self, inputs):
-        x = swish(inputs)
+        x = tf.nn.silu(inputs)
         height, width = x.shape[1], x.shape[2]
         if height is None or width is None or height % 2 or width % 2:
             outputs = [conv(x[:, dr:, dc:, :])

@@ -17,22 +17,6 @@ BN_EPSILON = 1e-5
 ACTIVATIONS = (None, "swish")
 
 
-@tf.custom_gradient
-def swish(x):
-    """x * sigmoid(x), with a gradient of five element-wise passes.
-
-    The gradient dy * s + dy * x * s * (1 - s), s = sigmoid(x) recomputed
-    from x as `tf.nn.silu` does (no extra saved tensor), uses the fused
-    `SigmoidGrad` kernel for the second term: about 10% faster than
-    `tf.nn.silu`'s six passes for a BN + Swish forward and backward.
-    """
-    def grad(dy):
-        s = tf.sigmoid(x)
-        return dy * s + tf.raw_ops.SigmoidGrad(y=s, dy=dy * x)
-
-    return x * tf.sigmoid(x), grad
-
-
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class BatchNorm(keras.layers.Layer):
     """Batch normalisation over N, H, W of NHWC input, optionally + Swish.
@@ -113,7 +97,7 @@ class BatchNorm(keras.layers.Layer):
                 variance=self.moving_variance, epsilon=self.epsilon,
                 is_training=False)
         if self.activation == "swish":
-            y = swish(y)
+            y = tf.nn.silu(y)
         return tf.cast(y, self.compute_dtype)
 
     def inference_affine(self):
