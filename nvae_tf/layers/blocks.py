@@ -135,13 +135,14 @@ class InvertedResidual(keras.layers.Layer):
         its Swish are pointwise, so an up-sampling cell runs them before the
         nearest-neighbour up-sampling, on a quarter of the pixels.
         """
+        kernel, bias = self.expand.conv.folded_kernel_and_bias(
+            *self.expand.bn.inference_affine())  # kernel [1, 1, C, hidden]
+        # bn_in, x * s + t before a 1x1 conv K: kernel rows times s, bias
+        # plus K^T t.
         in_scale, in_shift = self.bn_in.inference_affine()
-        scale, shift = self.expand.bn.inference_affine()
-        kernel = self.expand.conv.effective_kernel()  # [1, 1, C, hidden]
-        bias = tf.linalg.matvec(kernel[0, 0], in_shift, transpose_a=True)
-        kernel = kernel * in_scale[None, None, :, None] * scale
-        x = tf.nn.silu(self.expand.conv.convolve(inputs, kernel,
-                                                 bias * scale + shift))
+        bias += tf.linalg.matvec(kernel[0, 0], in_shift, transpose_a=True)
+        kernel = kernel * in_scale[:, None]
+        x = tf.nn.silu(self.expand.conv.convolve(inputs, kernel, bias))
         if self.strides == -1:
             x = upsample_nearest(x)
         x = self.depthwise.inference(x)

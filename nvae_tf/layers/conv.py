@@ -217,10 +217,14 @@ class WeightNormConv2D(keras.layers.Layer):
         return self.convolve(inputs, self.effective_kernel(),
                              self.bias if self.use_bias else None)
 
-    def convolve(self, inputs, kernel, bias=None):
-        """This layer's convolution with a given kernel and optional bias."""
+    def convolve(self, inputs, kernel, bias=None, padding=None):
+        """This layer's convolution with a given kernel and optional bias.
+
+        `padding` overrides the layer's own (a kernel of another shape may
+        need another one).
+        """
         kernel = tf.cast(kernel, inputs.dtype)
-        padding = self._padding_arg()
+        padding = self._padding_arg() if padding is None else padding
         dilations = (self.dilation_rate, self.dilation_rate)
         if self.depthwise and padding == "SAME" and \
                 self.dilation_rate == 1 and None not in inputs.shape[1:3]:
@@ -376,9 +380,8 @@ class BNSwishConv(keras.layers.Layer):
           next_bn: a `BatchNorm` applied to this unit's output; it is folded
             into the convolution.
         """
-        y = inputs if normalized else self.bn(inputs, training=False)
-        if normalized:
-            y = tf.nn.silu(y)
+        y = tf.nn.silu(inputs) if normalized else \
+            self.bn(inputs, training=False)
         if self.strides == -1:
             y = upsample_nearest(y)
         if next_bn is None:

@@ -87,11 +87,8 @@ class MaskedConv2D(WeightNormConv2D):
             return super().convolve(inputs, kernel, bias)
         rows = kernel[m:] if self.mirror else kernel[:m + 1]
         vertical = [0, m] if self.mirror else [m, 0]
-        y = tf.nn.conv2d(inputs, tf.cast(rows, inputs.dtype), 1,
-                         [[0, 0], vertical, [m, m], [0, 0]])
-        if bias is not None:
-            y = tf.nn.bias_add(y, tf.cast(bias, y.dtype))
-        return y
+        return super().convolve(inputs, rows, bias,
+                                padding=[[0, 0], vertical, [m, m], [0, 0]])
 
     def get_config(self):
         config = super().get_config()
