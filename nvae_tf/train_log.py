@@ -36,9 +36,11 @@ EVAL_HISTORY_FILE = "eval_history.jsonl"
 SAMPLE_NOISE_STREAMS = {0.7: 2, 1.0: 3}
 NON_INTERACTIVE_PROGBAR_SECONDS = 30.0
 RECONSTRUCTION_COLUMNS = 8  # 4 (input, reconstruction) pairs per row
-# Step outputs that are states, not per-step measurements to average.
-_INSTANTANEOUS = ("learning_rate", "kl_coeff", "skipped_steps",
-                  "nonfinite_streak", "loss_scale", "finite")
+# Step outputs that are states, not per-step measurements to average; all
+# but `finite` are written as their latest value.
+_STATES = ("learning_rate", "kl_coeff", "skipped_steps", "nonfinite_streak",
+           "loss_scale")
+_INSTANTANEOUS = _STATES + ("finite",)
 
 
 class TrainLog:
@@ -52,10 +54,12 @@ class TrainLog:
       is_chief: whether this worker writes.
       fixed_images: callable returning the test images [N, H, W, C] shown
         with their reconstructions (called once, at the first summary).
+      nan_recoveries: the trainer's NaN-recovery counter (a variable, read
+        only when summaries are written).
     """
 
     def __init__(self, model, train, length, model_dir: str, is_chief: bool,
-                 fixed_images):
+                 fixed_images, nan_recoveries):
         self.model = model
         self.train = train
         self.length = length
@@ -63,6 +67,7 @@ class TrainLog:
         self.is_chief = is_chief
         self._fixed_images_fn = fixed_images
         self._fixed_images = None
+        self._nan_recoveries = nan_recoveries
         self._image_fn = tf.function(self._summary_images)
         self._writers = {}
         self._progbar, self._epoch = None, None
@@ -74,8 +79,8 @@ class TrainLog:
         """Starts a new progress bar at the next step (after a restore)."""
         self._progbar, self._epoch = None, None
 
-    def step_done(self, step: int, metrics: dict, images_per_second: float,
-                  nan_recoveries: int) -> None:
+    def step_done(self, step: int, metrics: dict,
+                  images_per_second: float) -> None:
         """Records the metrics (numpy) of the step that made `step`."""
         per_epoch = self.length.steps_per_epoch
         epoch = (step - 1) // per_epoch
@@ -102,7 +107,7 @@ class TrainLog:
                          metrics["learning_rate"], metrics["kl_coeff"],
                          images_per_second)
             if self.is_chief:
-                self._write_summaries(step, means, metrics, nan_recoveries)
+                self._write_summaries(step, means, metrics)
 
     def _new_progbar(self, epoch: int):
         per_epoch = self.length.steps_per_epoch
@@ -130,13 +135,14 @@ class TrainLog:
                 seed=seed).images
         return samples, inference.reconstruct(self.model, x)
 
-    def _write_summaries(self, step, means, last, nan_recoveries):
+    def _write_summaries(self, step, means, last):
         with self._writer("train").as_default(step=step):
             for name, value in means.items():
                 tf.summary.scalar(name, value)
-            for name in _INSTANTANEOUS[:-1]:
+            for name in _STATES:
                 tf.summary.scalar(name, last[name])
-            tf.summary.scalar("nan_recoveries", nan_recoveries)
+            tf.summary.scalar("nan_recoveries",
+                              int(self._nan_recoveries.numpy()))
             for k, value in enumerate(last["kl_per_group"]):
                 tf.summary.scalar(f"kl_per_group/{k:03d}", value)
                 tf.summary.scalar(f"kl_gamma/{k:03d}", last["kl_gamma"][k])

@@ -183,7 +183,8 @@ class Trainer:
         self._eval_step = tf.function(self._distributed_eval_step)
         self.log = train_log.TrainLog(
             self.model, train, length, self.model_dir, self.is_chief,
-            fixed_images=self._fixed_images)
+            fixed_images=self._fixed_images,
+            nan_recoveries=self.nan_recoveries)
         self._last_saved_step = None
 
     # ------------------------------------------------------------ the step
@@ -452,8 +453,7 @@ class Trainer:
                 step += 1
                 self.log.step_done(
                     step, metrics,
-                    self.data_config.batch_size / (time.time() - start),
-                    int(self.nan_recoveries.numpy()))
+                    self.data_config.batch_size / (time.time() - start))
                 streak = int(metrics["nonfinite_streak"])
                 if streak >= train.nan_patience:
                     step = self.recover_from_nan()
