@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf import training
+from nvae_tf import bench, training
 from nvae_tf.config import NVAEConfig
 from nvae_tf.model import NVAE
 from tests.conftest import make_tiny_config
@@ -322,27 +322,15 @@ README_CONFIGS = {
 
 
 def test_parameter_count_mnist_small():
-    model = _built(NVAEConfig(
-        dataset="mnist", num_channels_enc=16, num_channels_dec=16,
-        num_latent_scales=2, num_groups_per_scale=5, ada_groups=True,
-        num_latent_per_group=20, num_cell_per_cond_enc=1,
-        num_cell_per_cond_dec=1, num_preprocess_blocks=2,
-        num_postprocess_blocks=2, num_preprocess_cells=2,
-        num_postprocess_cells=2, use_se=True, res_dist=True, num_nf=0))
+    # The configurations of issue 7, as the benchmark defines them.
+    model = _built(bench.PRESETS["mnist-small"][0])
     assert _num_params(model) == 2_402_702
     assert len(model.conv_layers()) == 101
     assert len(model.batchnorm_layers()) == 68
 
 
 def test_parameter_count_cifar_small():
-    model = _built(NVAEConfig(
-        dataset="cifar10", num_channels_enc=32, num_channels_dec=32,
-        num_latent_scales=1, num_groups_per_scale=10,
-        num_latent_per_group=20, num_cell_per_cond_enc=2,
-        num_cell_per_cond_dec=2, num_preprocess_blocks=1,
-        num_postprocess_blocks=1, num_preprocess_cells=2,
-        num_postprocess_cells=2, use_se=True, res_dist=True, num_nf=1,
-        num_mixture_dec=10))
+    model = _built(bench.PRESETS["cifar-small"][0])
     assert _num_params(model) == 3_654_176
     assert len(model.flows) == 10
 
