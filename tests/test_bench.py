@@ -1,8 +1,10 @@
 """The benchmark harness, and the fast paths computing the same function.
 
 The speed-ups of issue 7 replace pieces of the model by faster ones with the
-same value: the depthwise convolution's gradient (`depthwise_conv2d_same`)
-and the strided slices of `FactorizedReduce` (one space_to_depth split).
+same value: the depthwise convolution's gradient (`depthwise_conv2d_same`),
+the strided slices of `FactorizedReduce` (one space_to_depth split), the
+masked flow convolutions without their zero kernel rows and the mixture
+head's split. (Inference-mode BN folding: tests/test_inference_folding.py.)
 Here the default (fast) path is compared with a straightforward one, the
 plain TensorFlow ops patched back in, on the same weights and inputs: loss
 and every gradient of the full training objective agree to ~1e-5.
@@ -18,8 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf import bench, training
-from nvae_tf.layers import blocks, conv
+from nvae_tf import bench, distributions, training
+from nvae_tf.layers import blocks, conv, flows
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 RTOL = 1e-5
@@ -35,16 +37,40 @@ def _plain_factorized_reduce(self, inputs):
                       for c, (dr, dc) in zip(self.convs, self.SHIFTS)], -1)
 
 
+def _plain_mixture_params(self):
+    """The mixture head's parameters cut with strided slices."""
+    m = self._num_mixtures
+    per_colour = tf.reshape(self._logits[..., m:], tf.concat(
+        [tf.shape(self._logits)[:3], [self._num_channels, -1]], axis=0))
+    coeffs = tf.tanh(per_colour[..., 2 * m:]) \
+        if self._num_channels == 3 else None
+    return (self._logits[..., :m], per_colour[..., :m],
+            tf.maximum(per_colour[..., m:2 * m], distributions.LOG_SCALE_MIN),
+            coeffs)
+
+
+# (owner, attribute, plain replacement) of every fast piece.
+_PLAIN = (
+    (conv, "depthwise_conv2d_same", _plain_depthwise),
+    (blocks.FactorizedReduce, "call", _plain_factorized_reduce),
+    # The masked flow convolutions with their full (half-zero) kernels.
+    (flows.MaskedConv2D, "convolve", conv.WeightNormConv2D.convolve),
+    (distributions.DiscretizedLogisticMixture, "_split_params",
+     _plain_mixture_params),
+)
+
+
 @contextlib.contextmanager
 def plain_path():
     """Swaps the fast pieces for the plain TensorFlow ops they replace."""
-    saved = conv.depthwise_conv2d_same, blocks.FactorizedReduce.call
-    conv.depthwise_conv2d_same = _plain_depthwise
-    blocks.FactorizedReduce.call = _plain_factorized_reduce
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _PLAIN]
+    for owner, name, plain in _PLAIN:
+        setattr(owner, name, plain)
     try:
         yield
     finally:
-        conv.depthwise_conv2d_same, blocks.FactorizedReduce.call = saved
+        for owner, name, fast in saved:
+            setattr(owner, name, fast)
 
 
 def _assert_close(actual, expected, what, rtol=RTOL):
@@ -120,7 +146,8 @@ def test_fast_path_loss_and_gradients_match_plain_path(compiled):
 
     The `tiny` preset has every replaced piece: FactorizedReduce in the
     down cells, depthwise convolutions in the decoder and post-process
-    cells and in the flows. The objective is the benchmark's: KL warm-up
+    cells and in the flows, masked flow convolutions, an RGB mixture head.
+    The objective is the benchmark's: KL warm-up
     and balancing active, spectral and BN regularisation on.
     """
     config, batch, objective = bench.resolve_config("tiny")
