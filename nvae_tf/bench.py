@@ -15,11 +15,17 @@ traces and optimises the graph) each of three `tf.function`s:
 
 Inputs are synthetic tensors of the dataset's shape and range (binary for
 MNIST, the 8-bit grid otherwise) made before timing: no data loading is
-timed. The untimed setup of up to `--parallel_setup` repeats runs at the same
+timed. Training and inference run as a training process and an inference
+process do (`python -m nvae_tf.train`, `python -m nvae_tf.evaluate`): a
+repeat is two processes, one timing `train_step` with TensorFlow's threads,
+one timing `eval` and `sample` with the batch cut into one shard per core
+(`--inference_shards`, `nvae_tf.batch_shards`: 1 intra-op thread, one
+inter-op thread per shard); `--inference_shards=1` times all three in one
+process with the same threads. The untimed setup of up to `--parallel_setup` repeats runs at the same
 time; their timed calls run one process at a time. Per repeat the median,
 minimum and median process CPU time over calls are recorded; the reported
-figure is the median over repeats, with peak RSS (`ru_maxrss` of the worker
-process), parameter count, TF version and thread settings: one JSON object
+figure is the median over repeats, with peak RSS (`ru_maxrss`, the larger
+of the repeat's processes; also per process), parameter count, TF version and thread settings: one JSON object
 per config and line with `--json`, else a table against the official
 PyTorch figures (`REFERENCE`). A FLAGFILE is a trainer flagfile
 (`configs/*.cfg`), read with `nvae_tf.flags`. `--jit_compile` and
@@ -42,6 +48,7 @@ import sys
 import tempfile
 import time
 
+from nvae_tf.batch_shards import configure_inference_threads, resolve_shards
 from nvae_tf.config import NVAEConfig
 from nvae_tf.graph_options import GRAPPLER, set_grappler_options
 
@@ -92,6 +99,10 @@ REFERENCE = {
                         peak_rss_mb=2183),
 }
 TIMED = ("train_step", "eval", "sample")
+# What a worker process times: everything, or training and inference in two
+# processes (inference with one intra-op thread per batch shard).
+PHASES = {"all": TIMED, "train": ("train_step",),
+          "inference": ("eval", "sample")}
 
 POLL_SECONDS = 0.05
 
@@ -160,7 +171,8 @@ def _time_calls(fn, steps: int):
 
 
 def build_functions(config: NVAEConfig, batch_size: int, objective,
-                    steps_per_epoch: int = 1000, jit_compile: bool = False):
+                    steps_per_epoch: int = 1000, jit_compile: bool = False,
+                    shards: int = 1):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     Args:
@@ -171,6 +183,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         speed).
       jit_compile: compile the three functions with XLA (an option only:
         slower on this CPU, see docs/performance.md).
+      shards: batch shards of `eval_step` and `sample` (`batch_shards`).
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x) -> mean NELBO,
@@ -202,11 +215,11 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
 
     @tf.function(reduce_retracing=True, **compile_options)
     def eval_step(x):
-        return tf.reduce_mean(model(x, training=False).nelbo)
+        return tf.reduce_mean(model(x, training=False, shards=shards).nelbo)
 
     @tf.function(**compile_options)
     def sample():
-        return model.sample(batch_size, 1.0).images
+        return model.sample(batch_size, 1.0, shards=shards).images
 
     return model, optimizer, train_step, eval_step, sample
 
@@ -231,12 +244,16 @@ def run_worker(args) -> dict:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
-    if args.intra_op_threads is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(
-            args.intra_op_threads)
-    if args.inter_op_threads is not None:
-        tf.config.threading.set_inter_op_parallelism_threads(
-            args.inter_op_threads)
+    shards = args.inference_shards if args.phase == "inference" else 1
+    if shards > 1:
+        configure_inference_threads(shards)
+    else:
+        if args.intra_op_threads is not None:
+            tf.config.threading.set_intra_op_parallelism_threads(
+                args.intra_op_threads)
+        if args.inter_op_threads is not None:
+            tf.config.threading.set_inter_op_parallelism_threads(
+                args.inter_op_threads)
     if args.mixed_precision != "none":
         import keras
         keras.mixed_precision.set_global_policy(
@@ -248,7 +265,8 @@ def run_worker(args) -> dict:
 
     start = time.perf_counter()
     model, _, train_step, eval_step, sample = build_functions(
-        config, batch_size, objective, jit_compile=args.jit_compile)
+        config, batch_size, objective, jit_compile=args.jit_compile,
+        shards=shards)
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     result = {"config": args.config, "batch_size": batch_size,
               "params": int(sum(v.shape.num_elements()
@@ -257,26 +275,31 @@ def run_worker(args) -> dict:
     fns = {"train_step": lambda: train_step(x),
            "eval": lambda: eval_step(x),
            "sample": sample}
-    for name in TIMED:  # the first call traces and optimises the graph
+    timed = PHASES[args.phase]
+    for name in timed:  # the first call traces and optimises the graph
         start = time.perf_counter()
         fns[name]().numpy()
         result[f"{name}_first_call_s"] = time.perf_counter() - start
     if args.sync_dir:
         _wait_for_turn(args.sync_dir, args.index)
     load_start = os.getloadavg()[0]
-    for name in TIMED:
+    for name in timed:
         _time_calls(fns[name], args.warmup - 1)
         wall, cpu = _time_calls(fns[name], args.steps)
         result[f"{name}_s"] = statistics.median(wall)
         result[f"{name}_min_s"] = min(wall)
         result[f"{name}_cpu_s"] = statistics.median(cpu)
     result["peak_rss_mb"] = _peak_rss_mb()
+    result[f"{args.phase}_peak_rss_mb"] = result["peak_rss_mb"]
     result["load_avg"] = [load_start, os.getloadavg()[0]]
     result["tf_version"] = tf.__version__
-    result["intra_op_threads"] = \
-        tf.config.threading.get_intra_op_parallelism_threads()
-    result["inter_op_threads"] = \
-        tf.config.threading.get_inter_op_parallelism_threads()
+    threads = [tf.config.threading.get_intra_op_parallelism_threads(),
+               tf.config.threading.get_inter_op_parallelism_threads()]
+    if args.phase != "train":
+        result["inference_shards"] = shards
+        result["inference_threads"] = threads
+    if args.phase != "inference":
+        result["intra_op_threads"], result["inter_op_threads"] = threads
     result["onednn"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
     result["jit_compile"] = args.jit_compile
     result["mixed_precision"] = args.mixed_precision
@@ -286,11 +309,18 @@ def run_worker(args) -> dict:
 
 
 # ------------------------------------------------------------------- parent
-def _worker_command(args, config_name: str, sync_dir: str, index: int):
+def _phases(args) -> tuple:
+    """The worker processes of one repeat."""
+    return ("train", "inference") if args.inference_shards > 1 else ("all",)
+
+
+def _worker_command(args, config_name: str, sync_dir: str, index: int,
+                    phase: str):
     cmd = [sys.executable, "-m", "nvae_tf.bench", "--worker",
            f"--config={config_name}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--sync_dir={sync_dir}",
-           f"--index={index}"]
+           f"--index={index}", f"--phase={phase}",
+           f"--inference_shards={args.inference_shards}"]
     if args.batch_size:
         cmd.append(f"--batch_size={args.batch_size}")
     if args.intra_op_threads is not None:
@@ -307,34 +337,56 @@ def _worker_command(args, config_name: str, sync_dir: str, index: int):
 def _run_workers(args, config_name: str) -> list:
     """Runs the repeats: setups `--parallel_setup` at a time, timing alone.
 
-    Workers are started in groups; each builds and compiles (CPU-bound, and
-    not timed) concurrently with the others of its group, then waits. The
-    parent lets one worker at a time run its timed calls while the others
-    are blocked, so no timed call shares the machine with another worker.
+    Each repeat is one worker process, or two (training; inference with
+    batch shards) when `--inference_shards` > 1. Workers are started in
+    groups of `--parallel_setup` repeats; each builds and compiles
+    (CPU-bound, and not timed) concurrently with the others of its group,
+    then waits. The parent lets one worker at a time run its timed calls
+    while the others are blocked, so no timed call shares the machine with
+    another worker.
+
+    Returns:
+      one dict per repeat (its workers' results merged).
     """
     runs = []
+    phases = _phases(args)
     with tempfile.TemporaryDirectory(prefix="nvae_bench_") as sync_dir:
         for first in range(0, args.repeats, args.parallel_setup):
-            group = range(first, min(first + args.parallel_setup,
-                                     args.repeats))
+            group = [(i * len(phases) + j, phase)
+                     for i in range(first, min(first + args.parallel_setup,
+                                               args.repeats))
+                     for j, phase in enumerate(phases)]
             procs = {i: subprocess.Popen(
-                _worker_command(args, config_name, sync_dir, i),
+                _worker_command(args, config_name, sync_dir, i, phase),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for i in group}
+                for i, phase in group}
             try:
-                for i in group:
+                for i, _ in group:
                     _wait_until_ready(procs[i], sync_dir, i, config_name)
-                for i in group:
+                results = []
+                for i, _ in group:
                     with open(os.path.join(sync_dir, f"go.{i}"), "w",
                               encoding="utf-8"):
                         pass
-                    runs.append(_collect(procs[i], config_name))
+                    results.append(_collect(procs[i], config_name))
+                for k in range(0, len(results), len(phases)):
+                    runs.append(_merge_phases(results[k:k + len(phases)]))
             finally:
                 for proc in procs.values():
                     if proc.poll() is None:
                         proc.kill()
                         proc.wait()
     return runs
+
+
+def _merge_phases(results: list) -> dict:
+    """One repeat's result from its workers' (peak RSS: the largest)."""
+    merged = {}
+    for result in results:
+        merged.update(result)
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    merged["load_avg"] = [v for r in results for v in r["load_avg"]]
+    return merged
 
 
 def _wait_until_ready(proc, sync_dir: str, index: int, config_name: str):
@@ -369,8 +421,9 @@ def run_repeats(args, config_name: str) -> dict:
     runs = _run_workers(args, config_name)
     summary = {key: runs[0][key] for key in (
         "config", "batch_size", "params", "tf_version", "intra_op_threads",
-        "inter_op_threads", "onednn", "jit_compile", "mixed_precision",
-        "grappler", "cpu_count")}
+        "inter_op_threads", "inference_shards", "inference_threads",
+        "onednn", "jit_compile", "mixed_precision", "grappler",
+        "cpu_count")}
     summary["repeats"] = len(runs)
     summary["steps"] = args.steps
 
@@ -389,6 +442,10 @@ def run_repeats(args, config_name: str) -> dict:
     summary["eval_images_per_s"] = round(batch / summary["eval_s"], 1)
     summary["sample_images_per_s"] = round(batch / summary["sample_s"], 1)
     summary["peak_rss_mb"] = median("peak_rss_mb", 1)
+    for phase in _phases(args):
+        if phase != "all":
+            summary[f"{phase}_peak_rss_mb"] = median(
+                f"{phase}_peak_rss_mb", 1)
     summary["build_s"] = median("build_s", 2)
     for name in TIMED:
         summary[f"{name}_first_call_s"] = median(f"{name}_first_call_s", 2)
@@ -436,6 +493,12 @@ def parse_args(argv=None):
                              "(default: TF's choice)")
     parser.add_argument("--inter_op_threads", type=int, default=None,
                         help="tf.config.threading inter-op threads")
+    parser.add_argument(
+        "--inference_shards", type=int, default=0,
+        help="batch shards of eval and sample, timed in a second process "
+             "with 1 intra-op thread and this many inter-op threads; 0 "
+             "(default): one per CPU core; 1: one process for everything, "
+             "unsharded, with the thread flags above")
     parser.add_argument("--jit_compile", action="store_true",
                         help="compile the timed functions with XLA")
     parser.add_argument("--mixed_precision", default="none",
@@ -456,6 +519,8 @@ def parse_args(argv=None):
     parser.add_argument("--sync_dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default="all", choices=tuple(PHASES),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = []
     for item in args.config or list(PUBLIC_PRESETS):
@@ -465,6 +530,10 @@ def parse_args(argv=None):
                         (args.parallel_setup, "parallel_setup")):
         if value < 1:
             parser.error(f"--{name}={value}: expected >= 1")
+    if args.inference_shards < 0:
+        parser.error(f"--inference_shards={args.inference_shards}: expected "
+                     ">= 0 (0: one per CPU core)")
+    args.inference_shards = resolve_shards(args.inference_shards)
     if args.warmup < 1:
         parser.error(f"--warmup={args.warmup}: expected >= 1 (the first "
                      "call traces)")

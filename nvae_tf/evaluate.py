@@ -9,7 +9,9 @@
     python -m nvae_tf.evaluate --model_dir=DIR --mode=interpolate
 
 Long loops show a progress bar; the last line on stdout is a JSON object
-with the results.
+with the results. On a CPU, `nll` and `sample` cut every batch into one part
+per core (`--inference_shards`, `nvae_tf.batch_shards`): the same numbers,
+1.1-1.6x faster than TensorFlow's default threading on 2 cores.
 
 - `nll` (spec 7.1): on the evaluation split, for each batch K posterior
   samples (fresh noise each), log w_k = log p(x|z_k) + log p(z_k) -
@@ -45,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
-from nvae_tf import bn_readjust, images, inference
+from nvae_tf import batch_shards, bn_readjust, images, inference
 from nvae_tf.data import DataConfig, make_datasets
 from nvae_tf.training import bits_per_dim
 
@@ -86,7 +88,7 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
                             iw_samples_per_pass: int = 1,
                             max_images: int | None = None, seed: int = 1,
                             total_images: int | None = None,
-                            progress: bool = True) -> dict:
+                            progress: bool = True, shards: int = 1) -> dict:
     """Importance-weighted NLL and NELBO over a dataset (spec 7.1).
 
     Args:
@@ -99,6 +101,7 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
       seed: seed of the posterior noise.
       total_images: size of the dataset, for the progress bar.
       progress: show a progress bar (counts forward passes).
+      shards: batch shards of each forward (`batch_shards`; same result).
 
     Returns:
       {"num_images", "num_iw_samples", "nll_nats", "nelbo_nats"}, per-image
@@ -115,7 +118,8 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int64)],
                  autograph=False)
     def iw_pass(x, pass_seed):
-        return inference.log_weights(model, x, per_pass, pass_seed)
+        return inference.log_weights(model, x, per_pass, pass_seed,
+                                     shards=shards)
 
     target = total_images if max_images is None else (
         min(max_images, total_images) if total_images else max_images)
@@ -156,16 +160,18 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
 # ------------------------------------------------------------------ images
 def generate_samples(model, num_samples: int, temperature: float,
                      batch_size: int = 100, seed: int = 1,
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, shards: int = 1) -> np.ndarray:
     """`num_samples` images [N, H, W, C] in [0, 1], drawn in batches.
 
     Latents at `temperature`, pixels from the image distribution at t = 1
-    (official `evaluate.py`), stateless noise from `seed`.
+    (official `evaluate.py`), stateless noise from `seed`; `shards`: batch
+    shards of each draw (`batch_shards`; same images).
     """
 
     @tf.function(autograph=False)
     def draw(n, draw_seed):
-        return model.sample(n, temperature, seed=draw_seed).images
+        return model.sample(n, temperature, seed=draw_seed,
+                            shards=shards).images
 
     out = []
     batches = math.ceil(num_samples / batch_size)
@@ -227,6 +233,12 @@ def define_flags():
                          "nll: samples per forward pass (tiles the batch).")
     flags.DEFINE_integer("max_images", 0,
                          "nll: evaluate at most this many images (0: all).")
+    flags.DEFINE_integer(
+        "inference_shards", batch_shards.AUTO,
+        "nll/sample: cut every batch into this many parts that run on their "
+        "own core (1 intra-op thread, this many inter-op threads; same "
+        "results). 0: one per CPU core; 1: off (TensorFlow's threads).",
+        lower_bound=0)
     flags.DEFINE_integer("num_samples", 64, "sample: number of images.")
     flags.DEFINE_float("temperature", 0.7,
                        "sample: latent temperature (official --temp).")
@@ -284,7 +296,7 @@ def run_nll(loaded):
     result = importance_weighted_nll(
         model, eval_ds, FLAGS.num_iw_samples, FLAGS.iw_samples_per_pass,
         max_images=FLAGS.max_images or None, seed=FLAGS.seed,
-        total_images=info.num_eval)
+        total_images=info.num_eval, shards=FLAGS.inference_shards)
     return {**result, **likelihood_report(result["nll_nats"],
                                           result["nelbo_nats"], model.config)}
 
@@ -302,7 +314,8 @@ def run_sample(loaded):
                       bn_stats_from_cache=readjust.from_cache)
     samples = generate_samples(model, FLAGS.num_samples, t,
                                batch_size=FLAGS.batch_size or 100,
-                               seed=FLAGS.seed, progress=True)
+                               seed=FLAGS.seed, progress=True,
+                               shards=FLAGS.inference_shards)
     grid = images.make_grid(samples, columns=FLAGS.grid_columns or None)
     result["output"] = images.write_png(
         _output(f"sample_t{bn_readjust.temperature_tag(t)}.png"), grid)
@@ -347,6 +360,10 @@ def run_interpolate(loaded):
 def main(argv):
     del argv
     start = time.time()
+    # Before the first op: threads are fixed when TensorFlow starts.
+    FLAGS.inference_shards = batch_shards.resolve_shards(
+        FLAGS.inference_shards)
+    batch_shards.configure_inference_threads(FLAGS.inference_shards)
     loaded = inference.load_model(FLAGS.model_dir, FLAGS.checkpoint)
     logging.info("Evaluating %s (%s).", loaded.checkpoint_path, FLAGS.mode)
     runner = {"nll": run_nll, "sample": run_sample,

@@ -147,7 +147,7 @@ def interpolate(model, x_start, x_end, num_steps: int) -> tf.Tensor:
 
 
 # -------------------------------------------------------------- likelihood
-def log_weights(model, x, num_samples: int, seed):
+def log_weights(model, x, num_samples: int, seed, shards: int = 1):
     """Importance weights of `num_samples` posterior samples per image.
 
     One eval-mode forward of the batch tiled `num_samples` times; every
@@ -158,6 +158,7 @@ def log_weights(model, x, num_samples: int, seed):
       x: float images [B, H, W, C] in [0, 1] (bit-reduced / binarised).
       num_samples: k, a Python int.
       seed: stateless seed [2] of the posterior noise.
+      shards: batch shards of the forward (`batch_shards`; same result).
 
     Returns:
       (log_w, nelbo), both [k, B] in nats: log_w = log p(x|z) + log p(z) -
@@ -167,7 +168,7 @@ def log_weights(model, x, num_samples: int, seed):
     x = tf.convert_to_tensor(x, tf.float32)
     batch_size = tf.shape(x)[0]
     out = model(tf.tile(x, [num_samples, 1, 1, 1]), training=False,
-                seed=seed)
+                seed=seed, shards=shards)
     log_w = -out.recon_loss - out.log_q + out.log_p  # [k * B]
     shape = tf.stack([num_samples, batch_size])
     return tf.reshape(log_w, shape), tf.reshape(out.nelbo, shape)

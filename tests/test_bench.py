@@ -213,7 +213,8 @@ def test_synthetic_batches_have_the_data_range():
 
 
 @pytest.mark.parametrize("argv", [["--config=nope"], ["--steps=0"],
-                                  ["--warmup=0"], ["--repeats=0"]])
+                                  ["--warmup=0"], ["--repeats=0"],
+                                  ["--inference_shards=-1"]])
 def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as info:
         bench.parse_args(argv)
@@ -221,10 +222,14 @@ def test_bad_arguments_exit_with_usage(argv):
 
 
 def test_cli_smoke_on_tiny_config():
-    """Two timed steps, one repeat: one JSON line with the documented keys."""
+    """Two timed steps, one repeat: one JSON line with the documented keys.
+
+    With two inference shards the repeat is two processes: training with
+    TensorFlow's threads, inference with 1 intra-op and 2 inter-op threads.
+    """
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_tf.bench", "--config=tiny", "--steps=2",
-         "--warmup=1", "--repeats=1", "--json"],
+         "--warmup=1", "--repeats=1", "--inference_shards=2", "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -238,6 +243,11 @@ def test_cli_smoke_on_tiny_config():
     assert result["config"] == "tiny" and result["params"] > 0
     assert 0 < result["train_step_s"] and 0 < result["sample_s"]
     assert result["peak_rss_mb"] > 100
+    assert result["inference_shards"] == 2
+    assert result["inference_threads"] == [1, 2]
+    assert result["peak_rss_mb"] == max(result["train_peak_rss_mb"],
+                                        result["inference_peak_rss_mb"])
+    assert len(result["load_avg"][0]) == 4  # both processes' timed calls
 
 
 def test_lean_grappler_gives_the_same_loss_and_gradients():

@@ -85,6 +85,18 @@ def test_iw_nll_is_at_most_nelbo(fashion_model):
         fashion_model, dataset, num_iw_samples=6, iw_samples_per_pass=4,
         max_images=5, progress=False)
     assert again == result
+    # Batch shards (the CLI's default on a CPU) give the same numbers; the
+    # batches of 4 and 1 images (x 4 samples per pass) are cut into parts of
+    # 8 and 2 (a run-time batch size: `tf.cond` keeps a batch >= 2 sharded).
+    sharded = evaluate.importance_weighted_nll(
+        fashion_model, dataset, num_iw_samples=6, iw_samples_per_pass=4,
+        max_images=5, progress=False, shards=2)
+    for key in ("nll_nats", "nelbo_nats"):
+        np.testing.assert_allclose(sharded[key], result[key], rtol=1e-6)
+    samples = evaluate.generate_samples(fashion_model, 3, 0.7, seed=2)
+    np.testing.assert_array_equal(
+        evaluate.generate_samples(fashion_model, 3, 0.7, seed=2, shards=2),
+        samples)
 
 
 def test_log_weights_tile_samples_with_distinct_noise(fashion_model):
