@@ -1,7 +1,7 @@
 """Benchmark of NVAE training, evaluation and sampling on synthetic data.
 
     python -m nvae_tf.bench [--config=mnist-small|cifar-small|FLAGFILE]
-        [--batch_size=N] [--steps=20] [--warmup=3] [--repeats=3] [--json]
+        [--batch_size=N] [--steps=20] [--warmup=2] [--repeats=3] [--json]
 
 For every config and repeat a fresh Python process builds the model and
 times (`--steps` calls after `--warmup` untimed ones, the first of which
@@ -172,7 +172,7 @@ def _time_calls(fn, steps: int):
 
 def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
-                    shards: int = 1):
+                    shards: int = 1, training: bool = True):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     Args:
@@ -184,6 +184,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
       jit_compile: compile the three functions with XLA (an option only:
         slower on this CPU, see docs/performance.md).
       shards: batch shards of `eval_step` and `sample` (`batch_shards`).
+      training: build the optimizer and `train_step` (else both are None).
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x) -> mean NELBO,
@@ -195,14 +196,24 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
 
     model = NVAE(config, seed=SEED)
     model.build()
+    compile_options = dict(jit_compile=True) if jit_compile else {}
+
+    @tf.function(reduce_retracing=True, **compile_options)
+    def eval_step(x):
+        return tf.reduce_mean(model(x, training=False, shards=shards).nelbo)
+
+    @tf.function(**compile_options)
+    def sample():
+        return model.sample(batch_size, 1.0, shards=shards).images
+
+    if not training:
+        return model, None, None, eval_step, sample
     epochs = max(objective.total_steps // steps_per_epoch, 2)
     schedule = optimizers.WarmupCosineSchedule(
         LEARNING_RATE, LEARNING_RATE_MIN, steps_per_epoch=steps_per_epoch,
         epochs=epochs, warmup_epochs=1)
     optimizer = optimizers.Adamax(learning_rate=schedule)
     optimizer.build(model.trainable_variables)
-
-    compile_options = dict(jit_compile=True) if jit_compile else {}
 
     @tf.function(reduce_retracing=True, **compile_options)
     def train_step(x):
@@ -212,14 +223,6 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         grads = tape.gradient(result.loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return result.loss
-
-    @tf.function(reduce_retracing=True, **compile_options)
-    def eval_step(x):
-        return tf.reduce_mean(model(x, training=False, shards=shards).nelbo)
-
-    @tf.function(**compile_options)
-    def sample():
-        return model.sample(batch_size, 1.0, shards=shards).images
 
     return model, optimizer, train_step, eval_step, sample
 
@@ -266,7 +269,7 @@ def run_worker(args) -> dict:
     start = time.perf_counter()
     model, _, train_step, eval_step, sample = build_functions(
         config, batch_size, objective, jit_compile=args.jit_compile,
-        shards=shards)
+        shards=shards, training=args.phase != "inference")
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     result = {"config": args.config, "batch_size": batch_size,
               "params": int(sum(v.shape.num_elements()
@@ -338,45 +341,52 @@ def _run_workers(args, config_name: str) -> list:
     """Runs the repeats: setups `--parallel_setup` at a time, timing alone.
 
     Each repeat is one worker process, or two (training; inference with
-    batch shards) when `--inference_shards` > 1. Workers are started in
-    groups of `--parallel_setup` repeats; each builds and compiles
-    (CPU-bound, and not timed) concurrently with the others of its group,
-    then waits. The parent lets one worker at a time run its timed calls
-    while the others are blocked, so no timed call shares the machine with
-    another worker.
+    batch shards) when `--inference_shards` > 1, run phase after phase.
+    Workers are started in groups of `--parallel_setup`; each builds and
+    compiles (CPU-bound, and not timed) concurrently with the others of its
+    group, then waits. The parent lets one worker at a time run its timed
+    calls while the others are blocked, so no timed call shares the machine
+    with another worker.
 
     Returns:
       one dict per repeat (its workers' results merged).
     """
-    runs = []
     phases = _phases(args)
+    by_phase = {}
     with tempfile.TemporaryDirectory(prefix="nvae_bench_") as sync_dir:
-        for first in range(0, args.repeats, args.parallel_setup):
-            group = [(i * len(phases) + j, phase)
-                     for i in range(first, min(first + args.parallel_setup,
-                                               args.repeats))
-                     for j, phase in enumerate(phases)]
-            procs = {i: subprocess.Popen(
-                _worker_command(args, config_name, sync_dir, i, phase),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for i, phase in group}
-            try:
-                for i, _ in group:
-                    _wait_until_ready(procs[i], sync_dir, i, config_name)
-                results = []
-                for i, _ in group:
-                    with open(os.path.join(sync_dir, f"go.{i}"), "w",
-                              encoding="utf-8"):
-                        pass
-                    results.append(_collect(procs[i], config_name))
-                for k in range(0, len(results), len(phases)):
-                    runs.append(_merge_phases(results[k:k + len(phases)]))
-            finally:
-                for proc in procs.values():
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-    return runs
+        for j, phase in enumerate(phases):
+            by_phase[phase] = []
+            for first in range(0, args.repeats, args.parallel_setup):
+                group = [j * args.repeats + i for i in range(
+                    first, min(first + args.parallel_setup, args.repeats))]
+                by_phase[phase] += _run_group(args, config_name, sync_dir,
+                                              group, phase)
+    return [_merge_phases([by_phase[phase][i] for phase in phases])
+            for i in range(args.repeats)]
+
+
+def _run_group(args, config_name: str, sync_dir: str, group: list,
+               phase: str) -> list:
+    """Starts the workers `group` together, then times them one by one."""
+    procs = {i: subprocess.Popen(
+        _worker_command(args, config_name, sync_dir, i, phase),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in group}
+    try:
+        for i in group:
+            _wait_until_ready(procs[i], sync_dir, i, config_name)
+        results = []
+        for i in group:
+            with open(os.path.join(sync_dir, f"go.{i}"), "w",
+                      encoding="utf-8"):
+                pass
+            results.append(_collect(procs[i], config_name))
+        return results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _merge_phases(results: list) -> dict:
@@ -484,7 +494,7 @@ def parse_args(argv=None):
                         help="override the preset's batch size")
     parser.add_argument("--steps", type=int, default=20,
                         help="timed calls of each function per repeat")
-    parser.add_argument("--warmup", type=int, default=3,
+    parser.add_argument("--warmup", type=int, default=2,
                         help="untimed calls first (the first one traces)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="fresh processes per config")
