@@ -268,21 +268,35 @@ def test_export_refuses_to_overwrite(exported):
 
 @pytest.mark.slow
 def test_cli_exports_with_cached_bn_statistics(exported, tmp_path):
-    _, model_dir, _, _ = exported
+    """The CLI, with batch shards: the same outputs as the plain export."""
+    _, model_dir, first_dir, _ = exported
     export_dir = str(tmp_path / "nvae_tiny" / "2")
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_tf.export", "--model_dir", model_dir,
          "--export_dir", export_dir, "--temperature", str(TEMPERATURE),
          "--readjust_bn", f"--bn_passes={BN['num_passes']}",
-         f"--bn_batch_size={BN['batch_size']}"],
+         f"--bn_batch_size={BN['batch_size']}", "--inference_shards=2"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["export_dir"] == export_dir
     assert summary["checkpoint"] == "ckpt-2"
+    assert summary["inference_shards"] == 2
     # The in-process export cached the statistics; this process reuses them.
     assert summary["bn_statistics_from_cache"] is True
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
+    plain = tf.saved_model.load(first_dir).signatures
+    sharded = tf.saved_model.load(export_dir).signatures
+    for n in (3, 1):  # uneven parts; a batch smaller than the shards
+        args = dict(num_samples=tf.constant(n), seed=tf.constant(5, tf.int64),
+                    temperature=tf.constant(TEMPERATURE))
+        np.testing.assert_array_equal(sharded["sample"](**args)["images"],
+                                      plain["sample"](**args)["images"])
+    images = tf.constant(np.random.default_rng(0).integers(
+        0, 256, (3, *make_tiny_config().data_shape), dtype=np.uint8))
+    np.testing.assert_allclose(
+        sharded["log_likelihood"](images=images)["nelbo_nats"],
+        plain["log_likelihood"](images=images)["nelbo_nats"], rtol=1e-5)
 
 
 def test_fresh_process_loads_without_nvae_tf(fresh_process):
