@@ -13,17 +13,59 @@ setting that pairs with them.
 
 The noise of the whole batch is drawn before the cut and the parts are
 concatenated in order, so a sharded call returns what the unsharded call
-returns for the same noise (tests/test_batch_shards.py).
+returns for the same noise (tests/test_batch_shards.py). Tensors made from
+the weights alone (weight-normalised kernels, folded batch norms: methods
+marked `shared_across_shards`) are computed once per call and used by every
+part, not traced and run once per part.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
 
 import tensorflow as tf
 
+# Weight-derived tensors of the sharded call being traced or run:
+# {key: (tensor(s), objects the key's ids refer to)}; None outside one.
+_SHARED_WEIGHTS = contextvars.ContextVar("nvae_tf_shared_weights",
+                                         default=None)
+
 # What `shards=0` means for a CPU process: one shard per core.
 AUTO = 0
+
+
+@contextlib.contextmanager
+def sharing_weights():
+    """Within: `shared_across_shards` methods compute each result once."""
+    token = _SHARED_WEIGHTS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_WEIGHTS.reset(token)
+
+
+def shared_across_shards(method):
+    """Marks a layer method whose result depends on the weights only.
+
+    Inside `sharing_weights()` a call with the same layer and arguments (by
+    identity) in the same graph returns the first call's tensors; elsewhere
+    the method runs as usual.
+    """
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        cache = _SHARED_WEIGHTS.get()
+        if cache is None:
+            return method(self, *args)
+        graph = tf.compat.v1.get_default_graph()
+        key = (id(graph), id(self), method.__name__) + tuple(map(id, args))
+        if key not in cache:
+            cache[key] = (method(self, *args), (graph, self, args))
+        return cache[key][0]
+
+    return wrapper
 
 
 def default_shards() -> int:
@@ -113,7 +155,9 @@ def run(fn, tensors, batch_size, shards: int, merge):
     """
     def sharded():
         sizes = shard_sizes(batch_size, shards)
-        return merge([fn(part) for part in split(tensors, sizes)], sizes)
+        with sharing_weights():
+            outputs = [fn(part) for part in split(tensors, sizes)]
+        return merge(outputs, sizes)
 
     if shards == 1:
         return fn(list(tensors))

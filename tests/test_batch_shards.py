@@ -144,3 +144,23 @@ def test_inference_threads_in_a_fresh_process():
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "3"]
+
+
+def test_weight_tensors_are_computed_once_for_all_parts(model):
+    """Folded BNs (one Rsqrt each) and weight-normalised kernels (one
+    reduction of the squared kernel each) are not repeated per part."""
+    x = _images(model, 4)
+
+    def op_counts(shards):
+        graph = tf.function(
+            lambda images: model(images, training=False, seed=SEED,
+                                 shards=shards).nelbo
+        ).get_concrete_function(x).graph
+        types = [op.type for op in graph.get_operations()]
+        return types.count("Rsqrt"), types.count("Square"), len(types)
+
+    (rsqrt_1, square_1, ops_1), (rsqrt_2, square_2, ops_2) = \
+        op_counts(1), op_counts(2)
+    assert rsqrt_1 > 0 and square_1 > 0
+    assert (rsqrt_2, square_2) == (rsqrt_1, square_1)
+    assert ops_2 > ops_1  # the activations' ops do run per part

@@ -8,6 +8,7 @@ import math
 import keras
 import tensorflow as tf
 
+from nvae_tf.batch_shards import shared_across_shards
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
 from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.tracking import CheckpointableCollections
@@ -135,20 +136,25 @@ class InvertedResidual(keras.layers.Layer):
         its Swish are pointwise, so an up-sampling cell runs them before the
         nearest-neighbour up-sampling, on a quarter of the pixels.
         """
-        kernel, bias = self.expand.conv.folded_kernel_and_bias(
-            *self.expand.bn.inference_affine())  # kernel [1, 1, C, hidden]
-        # bn_in, x * s + t before a 1x1 conv K: kernel rows times s, bias
-        # plus K^T t.
-        in_scale, in_shift = self.bn_in.inference_affine()
-        bias += tf.linalg.matvec(kernel[0, 0], in_shift, transpose_a=True)
-        kernel = kernel * in_scale[:, None]
-        x = tf.nn.silu(self.expand.conv.convolve(inputs, kernel, bias))
+        x = tf.nn.silu(self.expand.conv.convolve(inputs,
+                                                 *self._folded_expansion()))
         if self.strides == -1:
             x = upsample_nearest(x)
         x = self.depthwise.inference(x)
         kernel, bias = self.project.folded_kernel_and_bias(
             *self.bn_out.inference_affine())
         return self.project.convolve(x, kernel, bias)
+
+    @shared_across_shards
+    def _folded_expansion(self):
+        """Kernel and bias of bn_in -> 1x1 expansion -> its BN."""
+        kernel, bias = self.expand.conv.folded_kernel_and_bias(
+            *self.expand.bn.inference_affine())  # kernel [1, 1, C, hidden]
+        # bn_in, x * s + t before a 1x1 conv K: kernel rows times s, bias
+        # plus K^T t.
+        in_scale, in_shift = self.bn_in.inference_affine()
+        bias += tf.linalg.matvec(kernel[0, 0], in_shift, transpose_a=True)
+        return kernel * in_scale[:, None], bias
 
     def compute_output_shape(self, input_shape):
         factor = {1: 1.0, 2: 0.5, -1: 2.0}[self.strides]

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf.batch_shards import shared_across_shards
 from nvae_tf.layers.norm import BatchNorm
 
 WEIGHT_NORM_EPS = 1e-5  # added to ||v|| in the denominator
@@ -177,6 +178,7 @@ class WeightNormConv2D(keras.layers.Layer):
         return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=self._norm_axes,
                                      keepdims=True))
 
+    @shared_across_shards
     def effective_kernel(self):
         """The kernel the convolution uses (masked and weight-normalised)."""
         kernel = self._masked_kernel()
@@ -202,6 +204,7 @@ class WeightNormConv2D(keras.layers.Layer):
         p = self.padding
         return [[0, 0], [p, p], [p, p], [0, 0]]
 
+    @shared_across_shards
     def folded_kernel_and_bias(self, scale, shift):
         """Kernel and bias of this conv followed by `y * scale + shift`.
 

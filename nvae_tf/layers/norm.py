@@ -11,6 +11,8 @@ replicas of a `tf.distribute` strategy.
 import keras
 import tensorflow as tf
 
+from nvae_tf.batch_shards import shared_across_shards
+
 BN_MOMENTUM = 0.95  # Keras convention; PyTorch/NVAE momentum 0.05.
 BN_EPSILON = 1e-5
 
@@ -100,6 +102,7 @@ class BatchNorm(keras.layers.Layer):
             y = tf.nn.silu(y)
         return tf.cast(y, self.compute_dtype)
 
+    @shared_across_shards
     def inference_affine(self):
         """(scale, shift) with inference-mode BN(x) = x * scale + shift."""
         scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
