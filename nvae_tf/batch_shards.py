@@ -6,7 +6,7 @@ chains of ops in one graph. With one intra-op thread and S inter-op threads,
 TensorFlow runs each chain on its own core, single-threaded: the small
 convolutions of the 4x4-16x16 latent scales and the element-wise ops then
 avoid splitting every op over the cores. On the 2-core machine of issue 7
-this made evaluation and sampling 1.1-1.6x faster than one chain with two
+this made evaluation and sampling 1.1-1.4x faster than one chain with two
 intra-op threads (docs/performance.md). With the default threads (every op
 split over all cores) shards gain nothing; `inference_threads` gives the
 setting that pairs with them.

@@ -11,7 +11,7 @@
 Long loops show a progress bar; the last line on stdout is a JSON object
 with the results. On a CPU, `nll` and `sample` cut every batch into one part
 per core (`--inference_shards`, `nvae_tf.batch_shards`): the same numbers,
-1.1-1.6x faster than TensorFlow's default threading on 2 cores.
+1.1-1.4x faster than TensorFlow's default threading on 2 cores.
 
 - `nll` (spec 7.1): on the evaluation split, for each batch K posterior
   samples (fresh noise each), log w_k = log p(x|z_k) + log p(z_k) -
