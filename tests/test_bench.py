@@ -221,15 +221,18 @@ def test_bad_arguments_exit_with_usage(argv):
     assert info.value.code == 2
 
 
-def test_cli_smoke_on_tiny_config():
+@pytest.mark.parametrize("shards", [2, 1])
+def test_cli_smoke_on_tiny_config(shards):
     """Two timed steps, one repeat: one JSON line with the documented keys.
 
     With two inference shards the repeat is two processes: training with
-    TensorFlow's threads, inference with 1 intra-op and 2 inter-op threads.
+    TensorFlow's threads, inference with 1 intra-op and 2 inter-op threads;
+    with one, a single process times all three functions.
     """
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_tf.bench", "--config=tiny", "--steps=2",
-         "--warmup=1", "--repeats=1", "--inference_shards=2", "--json"],
+         "--warmup=1", "--repeats=1", f"--inference_shards={shards}",
+         "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -243,7 +246,13 @@ def test_cli_smoke_on_tiny_config():
     assert result["config"] == "tiny" and result["params"] > 0
     assert 0 < result["train_step_s"] and 0 < result["sample_s"]
     assert result["peak_rss_mb"] > 100
-    assert result["inference_shards"] == 2
+    assert result["inference_shards"] == shards
+    if shards == 1:  # TensorFlow's threads for everything, one process
+        assert result["inference_threads"] == [
+            result["intra_op_threads"], result["inter_op_threads"]]
+        assert "inference_peak_rss_mb" not in result
+        assert len(result["load_avg"][0]) == 2
+        return
     assert result["inference_threads"] == [1, 2]
     assert result["peak_rss_mb"] == max(result["train_peak_rss_mb"],
                                         result["inference_peak_rss_mb"])
