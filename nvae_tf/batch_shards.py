@@ -8,8 +8,8 @@ convolutions of the 4x4-16x16 latent scales and the element-wise ops then
 avoid splitting every op over the cores. On the 2-core machine of issue 7
 this made evaluation and sampling 1.1-1.4x faster than one chain with two
 intra-op threads (docs/performance.md). With the default threads (every op
-split over all cores) shards gain nothing; `inference_threads` gives the
-setting that pairs with them.
+split over all cores) shards gain nothing; `configure_inference_threads`
+sets the threads that pair with them.
 
 The noise of the whole batch is drawn before the cut and the parts are
 concatenated in order, so a sharded call returns what the unsharded call

@@ -21,11 +21,13 @@ repeat is two processes, one timing `train_step` with TensorFlow's threads,
 one timing `eval` and `sample` with the batch cut into one shard per core
 (`--inference_shards`, `nvae_tf.batch_shards`: 1 intra-op thread, one
 inter-op thread per shard); `--inference_shards=1` times all three in one
-process with the same threads. The untimed setup of up to `--parallel_setup` repeats runs at the same
+process with the same threads. The untimed setup of up to
+`--parallel_setup` repeats runs at the same
 time; their timed calls run one process at a time. Per repeat the median,
 minimum and median process CPU time over calls are recorded; the reported
 figure is the median over repeats, with peak RSS (`ru_maxrss`, the larger
-of the repeat's processes; also per process), parameter count, TF version and thread settings: one JSON object
+of the repeat's processes; also per process), parameter count, TF version
+and thread settings: one JSON object
 per config and line with `--json`, else a table against the official
 PyTorch figures (`REFERENCE`). A FLAGFILE is a trainer flagfile
 (`configs/*.cfg`), read with `nvae_tf.flags`. `--jit_compile` and
@@ -293,7 +295,8 @@ def run_worker(args) -> dict:
         result[f"{name}_min_s"] = min(wall)
         result[f"{name}_cpu_s"] = statistics.median(cpu)
     result["peak_rss_mb"] = _peak_rss_mb()
-    result[f"{args.phase}_peak_rss_mb"] = result["peak_rss_mb"]
+    if args.phase != "all":
+        result[f"{args.phase}_peak_rss_mb"] = result["peak_rss_mb"]
     result["load_avg"] = [load_start, os.getloadavg()[0]]
     result["tf_version"] = tf.__version__
     threads = [tf.config.threading.get_intra_op_parallelism_threads(),

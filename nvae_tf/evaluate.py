@@ -51,6 +51,9 @@ from nvae_tf import batch_shards, bn_readjust, images, inference
 from nvae_tf.data import DataConfig, make_datasets
 from nvae_tf.training import bits_per_dim
 
+# Modes whose batches run as batch shards (`--inference_shards`).
+SHARDED_MODES = ("nll", "sample")
+
 SOURCE_BITS = 8
 DEFAULT_BATCH_SIZE = 32  # when neither the flag nor config.json sets one
 MODES = ("nll", "sample", "reconstruct", "interpolate")
@@ -360,9 +363,10 @@ def run_interpolate(loaded):
 def main(argv):
     del argv
     start = time.time()
-    # Before the first op: threads are fixed when TensorFlow starts.
+    # Before the first op: threads are fixed when TensorFlow starts. Only
+    # the modes that shard their batches get the shards' threads.
     FLAGS.inference_shards = batch_shards.resolve_shards(
-        FLAGS.inference_shards)
+        FLAGS.inference_shards) if FLAGS.mode in SHARDED_MODES else 1
     batch_shards.configure_inference_threads(FLAGS.inference_shards)
     loaded = inference.load_model(FLAGS.model_dir, FLAGS.checkpoint)
     logging.info("Evaluating %s (%s).", loaded.checkpoint_path, FLAGS.mode)
