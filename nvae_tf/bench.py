@@ -13,6 +13,10 @@ traces and optimises the graph) each of three `tf.function`s:
   * `eval`: eval-mode forward and the mean NELBO (no gradient tape);
   * `sample`: `model.sample(batch, 1.0)` with a fixed batch.
 
+`eval` and `sample` draw fresh stateless noise every call and, as in
+`python -m nvae_tf.evaluate`, read the weights as graph constants
+(`nvae_tf.constant_weights`; `--weights=variables` reads the variables).
+
 Inputs are synthetic tensors of the dataset's shape and range (binary for
 MNIST, the 8-bit grid otherwise) made before timing: no data loading is
 timed. Training and inference run as a training process and an inference
@@ -52,6 +56,7 @@ import time
 
 from nvae_tf.batch_shards import configure_inference_threads, resolve_shards
 from nvae_tf.config import NVAEConfig
+from nvae_tf.constant_weights import with_constant_weights
 from nvae_tf.graph_options import GRAPPLER, set_grappler_options
 
 # Benchmark presets: (model config, batch size). Parameter counts match the
@@ -174,7 +179,8 @@ def _time_calls(fn, steps: int):
 
 def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
-                    shards: int = 1, training: bool = True):
+                    shards: int = 1, training: bool = True,
+                    constant_weights: bool = True):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     Args:
@@ -187,10 +193,14 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         slower on this CPU, see docs/performance.md).
       shards: batch shards of `eval_step` and `sample` (`batch_shards`).
       training: build the optimizer and `train_step` (else both are None).
+      constant_weights: trace `eval_step` and `sample` with the weights of
+        the freshly built model as constants (`constant_weights`, as
+        `python -m nvae_tf.evaluate` does), else reading the variables.
 
     Returns:
-      (model, optimizer, train_step(x) -> loss, eval_step(x) -> mean NELBO,
-      sample() -> images).
+      (model, optimizer, train_step(x) -> loss, eval_step(x, seed) -> mean
+      NELBO, sample(seed) -> images); `seed`: a stateless seed [2] (int64)
+      of the call's noise.
     """
     import tensorflow as tf
     from nvae_tf import optimizers, training
@@ -200,13 +210,20 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
     model.build()
     compile_options = dict(jit_compile=True) if jit_compile else {}
 
-    @tf.function(reduce_retracing=True, **compile_options)
-    def eval_step(x):
-        return tf.reduce_mean(model(x, training=False, shards=shards).nelbo)
+    def mean_nelbo(x, seed):
+        return tf.reduce_mean(
+            model(x, training=False, seed=seed, shards=shards).nelbo)
 
-    @tf.function(**compile_options)
-    def sample():
-        return model.sample(batch_size, 1.0, shards=shards).images
+    def sample_images(seed):
+        return model.sample(batch_size, 1.0, seed=seed, shards=shards).images
+
+    inference_fns = [mean_nelbo, sample_images]
+    if constant_weights:
+        inference_fns = [with_constant_weights(model, fn)
+                         for fn in inference_fns]
+    eval_step, sample = [tf.function(fn, reduce_retracing=True,
+                                     **compile_options)
+                         for fn in inference_fns]
 
     if not training:
         return model, None, None, eval_step, sample
@@ -271,15 +288,21 @@ def run_worker(args) -> dict:
     start = time.perf_counter()
     model, _, train_step, eval_step, sample = build_functions(
         config, batch_size, objective, jit_compile=args.jit_compile,
-        shards=shards, training=args.phase != "inference")
+        shards=shards, training=args.phase != "inference",
+        constant_weights=args.weights == "constant")
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     result = {"config": args.config, "batch_size": batch_size,
               "params": int(sum(v.shape.num_elements()
                                 for v in model.trainable_variables)),
               "build_s": time.perf_counter() - start}
+    calls = iter(range(sys.maxsize))
+
+    def seed():  # fresh noise for every call, as in evaluation
+        return tf.constant([SEED, next(calls)], tf.int64)
+
     fns = {"train_step": lambda: train_step(x),
-           "eval": lambda: eval_step(x),
-           "sample": sample}
+           "eval": lambda: eval_step(x, seed()),
+           "sample": lambda: sample(seed())}
     timed = PHASES[args.phase]
     for name in timed:  # the first call traces and optimises the graph
         start = time.perf_counter()
@@ -310,6 +333,8 @@ def run_worker(args) -> dict:
     result["jit_compile"] = args.jit_compile
     result["mixed_precision"] = args.mixed_precision
     result["grappler"] = args.grappler
+    if args.phase != "train":
+        result["weights"] = args.weights
     result["cpu_count"] = os.cpu_count()
     return result
 
@@ -337,6 +362,7 @@ def _worker_command(args, config_name: str, sync_dir: str, index: int,
         cmd.append("--jit_compile")
     cmd.append(f"--mixed_precision={args.mixed_precision}")
     cmd.append(f"--grappler={args.grappler}")
+    cmd.append(f"--weights={args.weights}")
     return cmd
 
 
@@ -435,7 +461,7 @@ def run_repeats(args, config_name: str) -> dict:
     summary = {key: runs[0][key] for key in (
         "config", "batch_size", "params", "tf_version", "intra_op_threads",
         "inter_op_threads", "inference_shards", "inference_threads",
-        "onednn", "jit_compile", "mixed_precision", "grappler",
+        "onednn", "jit_compile", "mixed_precision", "grappler", "weights",
         "cpu_count")}
     summary["repeats"] = len(runs)
     summary["steps"] = args.steps
@@ -521,6 +547,12 @@ def parse_args(argv=None):
         "--grappler", default="lean", choices=tuple(GRAPPLER),
         help="Grappler passes of the timed functions: 'lean' (default; "
              "faster setup, same step time) or TensorFlow's 'default'")
+    parser.add_argument(
+        "--weights", default="constant", choices=("constant", "variables"),
+        help="eval and sample read the weights as graph 'constant's "
+             "(default, as python -m nvae_tf.evaluate does: weight-only "
+             "tensors are folded once) or from 'variables' (recomputed "
+             "every call)")
     parser.add_argument(
         "--parallel_setup", type=int, default=3,
         help="repeats whose (untimed) build and compilation may run at the "

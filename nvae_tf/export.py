@@ -2,7 +2,7 @@
 
     python -m nvae_tf.export --model_dir=DIR \
         --export_dir=saved_models/<name>/<version> [--temperature=0.7 \
-        --readjust_bn]
+        --readjust_bn --inference_shards=N --constant_weights]
 
 The SavedModel (built with `keras.export.ExportArchive`) has five
 signatures. H, W, C are the stored image size (28x28x1 for MNIST-like data);
@@ -34,6 +34,9 @@ pixels are uint8 0..255:
   that names the expected shape in every runtime (TF Serving included);
   dtype and rank are fixed by the signature.
 
+`--inference_shards` and `--constant_weights` make `sample` and
+`log_likelihood` faster on a CPU with the same outputs (docs/serving.md).
+
 The directory is written next to its final place and renamed into it, so TF
 Serving, which polls `<name>/` for numeric version folders, never sees a
 half-written version. `assets.extra/nvae_tf_export.json` records the
@@ -52,12 +55,15 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from nvae_tf import bn_readjust, inference
+from nvae_tf.constant_weights import with_constant_weights
 from nvae_tf.training import bits_per_dim
 
 DEFAULT_TEMPERATURE = 0.7  # official evaluate.py --temp
 MAX_SAMPLES = 1024  # largest `num_samples` one `sample` request may ask for
 METADATA_FILE = os.path.join("assets.extra", "nvae_tf_export.json")
 SIGNATURES = ("sample", "reconstruct", "log_likelihood", "encode", "decode")
+# The signatures that `inference_shards` and `constant_weights` speed up.
+FAST_SIGNATURES = ("sample", "log_likelihood")
 
 
 def latent_name(k: int) -> str:
@@ -211,7 +217,8 @@ def export_saved_model(model, export_dir: str,
                        bn_batch_size: int = bn_readjust.READJUST_BATCH_SIZE,
                        max_samples: int = MAX_SAMPLES,
                        overwrite: bool = False,
-                       inference_shards: int = 1) -> dict:
+                       inference_shards: int = 1,
+                       constant_weights: bool = False) -> dict:
     """Writes the serving SavedModel of `model` to `export_dir`.
 
     Args:
@@ -232,6 +239,11 @@ def export_saved_model(model, export_dir: str,
         the server runs 1 intra-op thread and this many inter-op threads
         (docs/serving.md); with the server's default threads it gains
         nothing.
+      constant_weights: `sample` and `log_likelihood` hold the weights as
+        graph constants (`constant_weights`): weight-only tensors are
+        computed once when the server loads the model, not per request
+        (same outputs). Each of the two graphs then carries a copy of the
+        weights.
 
     Returns:
       The metadata written to `assets.extra/nvae_tf_export.json` (with the
@@ -259,6 +271,8 @@ def export_saved_model(model, export_dir: str,
     bn_info = None
     for name in SIGNATURES:
         fn = getattr(signatures, name)
+        if constant_weights and name in FAST_SIGNATURES:
+            fn = with_constant_weights(model, fn)
         if name == "sample" and readjust_bn:
             result = bn_readjust.readjusted_statistics(
                 model, temperature, model_dir=model_dir,
@@ -291,6 +305,7 @@ def export_saved_model(model, export_dir: str,
         "temperature": float(temperature), "readjust_bn": bool(readjust_bn),
         "bn_statistics": bn_info, "max_samples": int(max_samples),
         "inference_shards": int(inference_shards),
+        "constant_weights": bool(constant_weights),
         "model_dir": model_dir, "checkpoint": checkpoint_id,
         "config": model.config.to_dict(),
         "tensorflow_version": tf.__version__,
@@ -341,6 +356,13 @@ def define_flags():
         "--tensorflow_intra_op_parallelism=1 "
         "--tensorflow_inter_op_parallelism=<this> (docs/serving.md).",
         lower_bound=1)
+    flags.DEFINE_bool(
+        "constant_weights", False,
+        "`sample` and `log_likelihood` hold the weights as graph constants, "
+        "so that the weight-only tensors (weight-normalised kernels, folded "
+        "batch norms) are computed once at load time instead of per request "
+        "(same outputs, ~7-10% faster per request on a CPU; the SavedModel "
+        "grows by two copies of the weights).")
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 
@@ -353,11 +375,12 @@ def main(argv):
         checkpoint_id=loaded.checkpoint_id, bn_passes=FLAGS.bn_passes,
         bn_batch_size=FLAGS.bn_batch_size, max_samples=FLAGS.max_samples,
         overwrite=FLAGS.overwrite,
-        inference_shards=FLAGS.inference_shards)
+        inference_shards=FLAGS.inference_shards,
+        constant_weights=FLAGS.constant_weights)
     summary = {k: metadata[k] for k in (
         "export_dir", "size_bytes", "seconds", "signatures",
         "serving_default", "temperature", "readjust_bn", "checkpoint",
-        "inference_shards")}
+        "inference_shards", "constant_weights")}
     if metadata["bn_statistics"]:
         summary["bn_statistics_from_cache"] = \
             metadata["bn_statistics"]["from_cache"]

@@ -28,6 +28,33 @@ def make_tiny_config(**overrides):
     return NVAEConfig(**{**TINY_CONFIG, **overrides})
 
 
+def inference_test_config(head):
+    """A model of the inference-path tests (batch shards, constant weights):
+    "tiny" is the benchmark's hidden preset (8-bit mixture head, flows, 2
+    scales), "binary" a Bernoulli head on MNIST (28x28 padded to 32)."""
+    if head == "tiny":
+        from nvae_tf import bench
+        return bench.resolve_config("tiny")[0]
+    return NVAEConfig(
+        dataset="mnist", num_channels_enc=8, num_channels_dec=8,
+        num_latent_scales=2, num_groups_per_scale=2, num_latent_per_group=4,
+        num_preprocess_blocks=1, num_postprocess_blocks=1,
+        num_preprocess_cells=1, num_postprocess_cells=1, use_se=True,
+        res_dist=True, num_nf=0)
+
+
+def assert_nested_close(actual, expected, what, rtol):
+    """Every tensor of two nests agrees to `rtol` x max(|expected|, 1)."""
+    flat_a, flat_e = tf.nest.flatten(actual), tf.nest.flatten(expected)
+    assert len(flat_a) == len(flat_e), what
+    for i, (a, e) in enumerate(zip(flat_a, flat_e)):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"{what}[{i}]: {a.shape} vs {e.shape}"
+        scale = max(float(np.abs(e).max()), 1.0) if e.size else 1.0
+        err = float(np.abs(a - e).max()) if a.size else 0.0
+        assert err <= rtol * scale, f"{what}[{i}]: error {err:.3g}"
+
+
 @pytest.fixture
 def tiny_config():
     """Factory: `tiny_config(num_nf=1, dataset="mnist", ...)`."""

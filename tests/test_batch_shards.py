@@ -18,8 +18,8 @@ import pytest
 import tensorflow as tf
 
 from nvae_tf import batch_shards, bench
-from nvae_tf.config import NVAEConfig
 from nvae_tf.model import NVAE
+from tests.conftest import assert_nested_close, inference_test_config
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 # Parts of a batch go through oneDNN convolutions of another batch size,
@@ -29,28 +29,12 @@ SEED = tf.constant([3, 4], tf.int64)
 
 
 def _assert_same(actual, expected, what):
-    flat_a, flat_e = tf.nest.flatten(actual), tf.nest.flatten(expected)
-    assert len(flat_a) == len(flat_e), what
-    for i, (a, e) in enumerate(zip(flat_a, flat_e)):
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.shape == e.shape, f"{what}[{i}]: {a.shape} vs {e.shape}"
-        scale = max(float(np.abs(e).max()), 1.0)
-        err = float(np.abs(a - e).max()) if a.size else 0.0
-        assert err <= RTOL * scale, f"{what}[{i}]: error {err:.3g}"
+    assert_nested_close(actual, expected, what, RTOL)
 
 
 @pytest.fixture(scope="module", params=["tiny", "binary"])
 def model(request):
-    if request.param == "tiny":  # 8-bit mixture head, flows, 2 scales
-        config, _, _ = bench.resolve_config("tiny")
-    else:  # Bernoulli head, MNIST padding
-        config = NVAEConfig(
-            dataset="mnist", num_channels_enc=8, num_channels_dec=8,
-            num_latent_scales=2, num_groups_per_scale=2,
-            num_latent_per_group=4, num_preprocess_blocks=1,
-            num_postprocess_blocks=1, num_preprocess_cells=1,
-            num_postprocess_cells=1, use_se=True, res_dist=True, num_nf=0)
-    net = NVAE(config, seed=1)
+    net = NVAE(inference_test_config(request.param), seed=1)
     net.build()
     return net
 

@@ -266,22 +266,63 @@ def test_export_refuses_to_overwrite(exported):
         export.export_saved_model(model, export_dir)
 
 
+def _assert_same_images(actual, expected):
+    """uint8 images of two float32 paths that may round differently: equal
+    but for rare one-level steps at a rounding boundary."""
+    diff = np.abs(np.asarray(actual, np.int32) - np.asarray(expected,
+                                                            np.int32))
+    assert diff.max() <= 1 and np.mean(diff > 0) <= 1e-2, diff.max()
+
+
+def test_constant_weights_export_gives_the_same_outputs(exported, tmp_path):
+    """`constant_weights`: `sample` and `log_likelihood` read no weight
+    variable (only the re-estimated BN statistics of `sample`) and return
+    the plain export's outputs."""
+    model, model_dir, plain_dir, _ = exported
+    export_dir = str(tmp_path / "nvae_tiny" / "3")
+    metadata = export.export_saved_model(
+        model, export_dir, temperature=TEMPERATURE, readjust_bn=True,
+        model_dir=model_dir, checkpoint_id="ckpt-2",
+        bn_passes=BN["num_passes"], bn_batch_size=BN["batch_size"],
+        max_samples=16, constant_weights=True)
+    assert metadata["constant_weights"] is True
+    assert metadata["bn_statistics"]["from_cache"] is True
+    loaded = tf.saved_model.load(export_dir)
+    names = [v.name for v in loaded.signatures["sample"].variables]
+    assert names and all(n.startswith("readjusted_") for n in names), names
+    assert not loaded.signatures["log_likelihood"].variables
+    assert loaded.signatures["encode"].variables  # unchanged
+    plain = tf.saved_model.load(plain_dir).signatures
+    args = dict(num_samples=tf.constant(3), seed=tf.constant(5, tf.int64),
+                temperature=tf.constant(TEMPERATURE))
+    _assert_same_images(loaded.signatures["sample"](**args)["images"],
+                        plain["sample"](**args)["images"])
+    images = tf.constant(np.random.default_rng(0).integers(
+        0, 256, (3, *make_tiny_config().data_shape), dtype=np.uint8))
+    np.testing.assert_allclose(
+        loaded.signatures["log_likelihood"](images=images)["nelbo_nats"],
+        plain["log_likelihood"](images=images)["nelbo_nats"], rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_cli_exports_with_cached_bn_statistics(exported, tmp_path):
-    """The CLI, with batch shards: the same outputs as the plain export."""
+    """The CLI, with batch shards and constant weights: the same outputs
+    as the plain export."""
     _, model_dir, first_dir, _ = exported
     export_dir = str(tmp_path / "nvae_tiny" / "2")
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_tf.export", "--model_dir", model_dir,
          "--export_dir", export_dir, "--temperature", str(TEMPERATURE),
          "--readjust_bn", f"--bn_passes={BN['num_passes']}",
-         f"--bn_batch_size={BN['batch_size']}", "--inference_shards=2"],
+         f"--bn_batch_size={BN['batch_size']}", "--inference_shards=2",
+         "--constant_weights"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["export_dir"] == export_dir
     assert summary["checkpoint"] == "ckpt-2"
     assert summary["inference_shards"] == 2
+    assert summary["constant_weights"] is True
     # The in-process export cached the statistics; this process reuses them.
     assert summary["bn_statistics_from_cache"] is True
     assert os.path.exists(os.path.join(export_dir, "saved_model.pb"))
@@ -290,8 +331,8 @@ def test_cli_exports_with_cached_bn_statistics(exported, tmp_path):
     for n in (3, 1):  # uneven parts; a batch smaller than the shards
         args = dict(num_samples=tf.constant(n), seed=tf.constant(5, tf.int64),
                     temperature=tf.constant(TEMPERATURE))
-        np.testing.assert_array_equal(sharded["sample"](**args)["images"],
-                                      plain["sample"](**args)["images"])
+        _assert_same_images(sharded["sample"](**args)["images"],
+                            plain["sample"](**args)["images"])
     images = tf.constant(np.random.default_rng(0).integers(
         0, 256, (3, *make_tiny_config().data_shape), dtype=np.uint8))
     np.testing.assert_allclose(
