@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf import bench, evaluate
+from nvae_tf import bench, constant_weights, evaluate
 from nvae_tf.constant_weights import with_constant_weights
 from nvae_tf.model import NVAE
 from tests.conftest import assert_nested_close, inference_test_config
@@ -133,3 +133,11 @@ def test_evaluate_gives_the_same_numbers(model):
         evaluate.generate_samples(model, 4, 0.7, batch_size=3, seed=2),
         evaluate.generate_samples(model, 4, 0.7, batch_size=3, seed=2,
                                   constant_weights=False), "samples")
+
+
+def test_weights_too_large_for_graph_constants_are_refused(model,
+                                                           monkeypatch):
+    monkeypatch.setattr(constant_weights, "MAX_CONSTANT_BYTES", 1024)
+    with pytest.raises(ValueError, match="MB of weights.*constant_weights="
+                                         "False"):
+        constant_weights.with_constant_weights(model, lambda: None)

@@ -264,16 +264,21 @@ def test_cli_sample_writes_grid_and_reuses_bn_cache(fashion_model_dir,
 @pytest.mark.parametrize("mode", ["nll", "reconstruct", "interpolate"])
 def test_cli_modes(fashion_model_dir, tmp_path, mode):
     output = str(tmp_path / f"{mode}.png")
-    result = _cli("--model_dir", fashion_model_dir, f"--mode={mode}",
-                  "--num_iw_samples=4", "--iw_samples_per_pass=2",
-                  "--max_images=8", "--batch_size=4", "--num_images=3",
-                  "--num_pairs=2", "--num_steps=3", "--output", output)
+    args = ("--model_dir", fashion_model_dir, f"--mode={mode}",
+            "--num_iw_samples=4", "--iw_samples_per_pass=2",
+            "--max_images=8", "--batch_size=4", "--num_images=3",
+            "--num_pairs=2", "--num_steps=3", "--output", output)
+    result = _cli(*args)
     assert result["mode"] == mode
     if mode == "nll":
         assert result["num_images"] == 8
         assert result["nll_nats"] <= result["nelbo_nats"]
         assert result["nll_bpd_8bit"] == pytest.approx(
             result["nll_bpd"] + 3)
+        # The weights read as variables instead of constants: same numbers.
+        plain = _cli(*args, "--noconstant_weights")
+        for key in ("nll_nats", "nelbo_nats"):
+            assert plain[key] == pytest.approx(result[key], rel=1e-6)
         return
     png = tf.io.decode_png(tf.io.read_file(output)).numpy()
     expected = {"reconstruct": (2 * 30 + 2, 3 * 30 + 2, 1),
