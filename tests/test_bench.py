@@ -3,8 +3,9 @@
 The speed-ups of issue 7 replace pieces of the model by faster ones with the
 same value: the depthwise convolution's gradient (`depthwise_conv2d_same`),
 the strided slices of `FactorizedReduce` (one space_to_depth split), the
-masked flow convolutions without their zero kernel rows and the mixture
-head's split. (Inference-mode BN folding: tests/test_inference_folding.py.)
+masked flow convolutions without their zero kernel rows, the mixture
+head's split and the training-mode BN-Swish that recomputes BN(x) in the
+backward pass. (Inference-mode BN folding: tests/test_inference_folding.py.)
 Here the default (fast) path is compared with a straightforward one, the
 plain TensorFlow ops patched back in, on the same weights and inputs: loss
 and every gradient of the full training objective agree to ~1e-5.
@@ -21,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from nvae_tf import bench, distributions, training
-from nvae_tf.layers import blocks, conv, flows
+from nvae_tf.layers import blocks, conv, flows, norm
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 RTOL = 1e-5
@@ -49,8 +50,16 @@ def _plain_mixture_params(self):
             coeffs)
 
 
+def _plain_batch_norm_swish(x, gamma, beta, epsilon):
+    """Training-mode BN then Swish, BN's output kept for the backward."""
+    y, mean, unbiased = tf.compat.v1.nn.fused_batch_norm(
+        x, gamma, beta, epsilon=epsilon, is_training=True)
+    return tf.nn.silu(y), mean, unbiased
+
+
 # (owner, attribute, plain replacement) of every fast piece.
 _PLAIN = (
+    (norm, "_batch_norm_swish_training", _plain_batch_norm_swish),
     (conv, "depthwise_conv2d_same", _plain_depthwise),
     (blocks.FactorizedReduce, "call", _plain_factorized_reduce),
     # The masked flow convolutions with their full (half-zero) kernels.

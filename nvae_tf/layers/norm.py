@@ -19,6 +19,47 @@ BN_EPSILON = 1e-5
 ACTIVATIONS = (None, "swish")
 
 
+def _batch_norm_swish_training(x, gamma, beta, epsilon):
+    """Training-mode BN (batch statistics) then Swish, keeping only `x`.
+
+    Returns (Swish(BN(x)), batch mean, unbiased batch variance). The
+    gradient recomputes BN(x) from `x` and the batch statistics instead of
+    keeping it from the forward pass, as the official fused BN-Swish does:
+    one tensor less per pair held for the backward pass (mnist-small: 116
+    MB, cifar-small: 299 MB at the benchmark's batch sizes) for one
+    inference-mode BN pass in the backward pass. The statistics outputs
+    carry no gradient (they only feed the moving averages).
+    """
+
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        y, mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=tf.zeros([0]),
+            variance=tf.zeros([0]), epsilon=epsilon, is_training=True)
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        biased = unbiased * (count - 1.0) / count
+
+        def grad(d_out, *unused_statistics_grads):
+            # Not before the backward pass reaches this layer: the executor
+            # would run it as soon as x is ready and keep the result.
+            with tf.control_dependencies([d_out]):
+                y, *_ = tf.raw_ops.FusedBatchNormV3(
+                    x=x, scale=gamma, offset=beta, mean=mean,
+                    variance=biased, epsilon=epsilon, is_training=False)
+            sig = tf.sigmoid(y)
+            d_y = d_out * sig * (1.0 + y * (1.0 - sig))
+            d_x, d_gamma, d_beta, *_ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=d_y, x=x, scale=gamma, reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1], reserve_space_3=reserve[2],
+                epsilon=epsilon, is_training=True)
+            return d_x, d_gamma, d_beta
+
+        return (tf.nn.silu(y), tf.stop_gradient(mean),
+                tf.stop_gradient(unbiased)), grad
+
+    return forward(x, gamma, beta)
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class BatchNorm(keras.layers.Layer):
     """Batch normalisation over N, H, W of NHWC input, optionally + Swish.
@@ -76,6 +117,7 @@ class BatchNorm(keras.layers.Layer):
         x = tf.cast(inputs, tf.float32)
         gamma = tf.convert_to_tensor(self.gamma)
         beta = tf.convert_to_tensor(self.beta)
+        fused_swish = False  # Swish applied with the statistics
         if training:
             ctx = tf.distribute.get_replica_context()
             if self.synchronized and ctx is not None \
@@ -83,6 +125,10 @@ class BatchNorm(keras.layers.Layer):
                 mean, variance, unbiased = self._batch_moments(x)
                 y = tf.nn.batch_normalization(x, mean, variance, beta, gamma,
                                               self.epsilon)
+            elif self.activation == "swish":
+                y, mean, unbiased = _batch_norm_swish_training(
+                    x, gamma, beta, self.epsilon)
+                fused_swish = True
             else:
                 # The fused kernel returns the Bessel-corrected variance, as
                 # PyTorch uses for its running statistics.
@@ -98,7 +144,7 @@ class BatchNorm(keras.layers.Layer):
                 x, gamma, beta, mean=self.moving_mean,
                 variance=self.moving_variance, epsilon=self.epsilon,
                 is_training=False)
-        if self.activation == "swish":
+        if self.activation == "swish" and not fused_swish:
             y = tf.nn.silu(y)
         return tf.cast(y, self.compute_dtype)
 

@@ -111,6 +111,65 @@ def test_gradients_reach_gamma_and_beta():
     assert len(bn.non_trainable_weights) == 2
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 3, 5), (2, 8, 6, 3)])
+def test_fused_swish_gradients_equal_bn_then_swish(shape, regime):
+    """Training-mode BN-Swish recomputes BN(x) in its backward pass instead
+    of keeping it: output, statistics and the gradients of x, gamma and
+    beta are those of the plain ops."""
+    bn = _built(shape, activation="swish")
+    x = tf.constant(_input(shape, seed=2))
+    d_out = tf.constant(_input(shape, seed=3))
+
+    def grads(layer_call):
+        def run(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer_call(x)
+            return [y] + tape.gradient(y, [x, bn.gamma, bn.beta], d_out)
+        return regime(run, x)
+
+    def plain(x):
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, bn.gamma, bn.beta, epsilon=bn.epsilon, is_training=True)
+        return tf.nn.silu(y)
+
+    mean, variance = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    fused = grads(lambda x: bn(x, training=True))
+    for name, a, b in zip(("output", "d_x", "d_gamma", "d_beta"), fused,
+                          grads(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    # Moving statistics updated once per call, from the batch moments.
+    values = np.asarray(x).reshape(-1, shape[-1])
+    np.testing.assert_allclose(
+        bn.moving_mean, mean * bn.momentum + (1 - bn.momentum) *
+        values.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        bn.moving_variance, variance * bn.momentum + (1 - bn.momentum) *
+        values.var(0, ddof=1), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_swish_recomputes_only_in_the_backward_pass():
+    """The recomputed BN(x) waits for the upstream gradient: otherwise the
+    executor would compute it during the forward pass and keep it alive,
+    which is the memory the recomputation is meant to save."""
+    bn = _built(activation="swish")
+    x = tf.constant(_input())
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = bn(x, training=True)
+        return tape.gradient(y, x)
+
+    graph = step.get_concrete_function(x).graph
+    recomputed = [op for op in graph.get_operations()
+                  if op.type == "FusedBatchNormV3"
+                  and not op.get_attr("is_training")]
+    assert len(recomputed) == 1
+    assert recomputed[0].control_inputs
+
+
 def test_from_config_round_trip():
     bn = _built(activation="swish", synchronized=True, momentum=0.9,
                 epsilon=1e-3)
