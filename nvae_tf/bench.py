@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -295,7 +296,7 @@ def run_worker(args) -> dict:
               "params": int(sum(v.shape.num_elements()
                                 for v in model.trainable_variables)),
               "build_s": time.perf_counter() - start}
-    calls = iter(range(sys.maxsize))
+    calls = itertools.count()
 
     def seed():  # fresh noise for every call, as in evaluation
         return tf.constant([SEED, next(calls)], tf.int64)

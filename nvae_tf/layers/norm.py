@@ -27,8 +27,8 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
     keeping it from the forward pass, as the official fused BN-Swish does:
     one tensor less per pair held for the backward pass (mnist-small: 116
     MB, cifar-small: 299 MB at the benchmark's batch sizes) for one
-    inference-mode BN pass in the backward pass. The statistics outputs
-    carry no gradient (they only feed the moving averages).
+    inference-mode BN pass in the backward pass. No gradient flows back
+    from the statistics outputs (they only feed the moving averages).
     """
 
     @tf.custom_gradient
@@ -36,10 +36,10 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
         y, mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=gamma, offset=beta, mean=tf.zeros([0]),
             variance=tf.zeros([0]), epsilon=epsilon, is_training=True)
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        biased = unbiased * (count - 1.0) / count
 
         def grad(d_out, *unused_statistics_grads):
+            count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+            biased = unbiased * (count - 1.0) / count
             # Not before the backward pass reaches this layer: the executor
             # would run it as soon as x is ready and keep the result.
             with tf.control_dependencies([d_out]):
@@ -54,8 +54,7 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
                 epsilon=epsilon, is_training=True)
             return d_x, d_gamma, d_beta
 
-        return (tf.nn.silu(y), tf.stop_gradient(mean),
-                tf.stop_gradient(unbiased)), grad
+        return (tf.nn.silu(y), mean, unbiased), grad
 
     return forward(x, gamma, beta)
 
