@@ -8,7 +8,7 @@ convolutions of the 4x4-16x16 latent scales and the element-wise ops then
 avoid splitting every op over the cores. On the 2-core machine of issue 7
 this made evaluation and sampling 1.1-1.4x faster than one chain with two
 intra-op threads (docs/performance.md). With the default threads (every op
-split over all cores) shards gain nothing; `configure_inference_threads`
+split over all cores) shards gain nothing; `configure_shard_threads`
 sets the threads that pair with them.
 
 The noise of the whole batch is drawn before the cut and the parts are
@@ -68,6 +68,47 @@ def shared_across_shards(method):
     return wrapper
 
 
+class Parts(tuple):
+    """A training batch held as consecutive parts (training shards).
+
+    Each part is traced as its own chain of ops, so that with one intra-op
+    thread per core the parts run at the same time; only batch norm, whose
+    statistics cover the whole batch, combines them (`layers.norm`). Layers
+    pass `Parts` on through `apply`; per-sample code maps over them with
+    `each`. On plain tensors both call through, so the unsharded graph is
+    unchanged.
+    """
+
+
+def each(fn, *args):
+    """`fn` on every part of the `Parts` among `args`, as `Parts`.
+
+    Arguments that are not `Parts` are passed to every call as they are;
+    with none, this is `fn(*args)`.
+    """
+    sizes = {len(a) for a in args if isinstance(a, Parts)}
+    if not sizes:
+        return fn(*args)
+    if len(sizes) > 1:
+        raise ValueError(f"Parts of different lengths: {sorted(sizes)}.")
+    return Parts(fn(*[a[i] if isinstance(a, Parts) else a for a in args])
+                 for i in range(sizes.pop()))
+
+
+def apply(layer, inputs, **kwargs):
+    """`layer(inputs, **kwargs)`; on `Parts`, parts-aware.
+
+    A layer whose class sets `HANDLES_PARTS` gets all parts at once through
+    its `call` (it holds a batch norm); any other layer is called once per
+    part.
+    """
+    if not isinstance(inputs, Parts):
+        return layer(inputs, **kwargs)
+    if getattr(layer, "HANDLES_PARTS", False):
+        return layer.call(inputs, **kwargs)
+    return Parts(layer(part, **kwargs) for part in inputs)
+
+
 def default_shards() -> int:
     """One shard per CPU core available to this process."""
     try:
@@ -84,8 +125,9 @@ def resolve_shards(shards: int) -> int:
     return default_shards() if shards == AUTO else shards
 
 
-def configure_inference_threads(shards: int) -> None:
-    """Threads for an inference process: 1 intra-op, `shards` inter-op.
+def configure_shard_threads(shards: int) -> None:
+    """Threads for a process running batch shards: 1 intra-op, `shards`
+    inter-op (one single-threaded chain of ops per core).
 
     Must run before TensorFlow initialises its runtime (before the first
     op). Does nothing for `shards` <= 1 (TensorFlow's defaults stay).

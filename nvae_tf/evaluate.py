@@ -391,7 +391,7 @@ def main(argv):
     # the modes that shard their batches get the shards' threads.
     FLAGS.inference_shards = batch_shards.resolve_shards(
         FLAGS.inference_shards) if FLAGS.mode in SHARDED_MODES else 1
-    batch_shards.configure_inference_threads(FLAGS.inference_shards)
+    batch_shards.configure_shard_threads(FLAGS.inference_shards)
     loaded = inference.load_model(FLAGS.model_dir, FLAGS.checkpoint)
     logging.info("Evaluating %s (%s).", loaded.checkpoint_path, FLAGS.mode)
     runner = {"nll": run_nll, "sample": run_sample,

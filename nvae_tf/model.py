@@ -7,12 +7,14 @@ the posterior q_k, and a sample of q_k is merged back into the decoder. The
 wiring follows the official code exactly (spec sections 2.3-2.11).
 """
 
+import functools
 from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
 from nvae_tf import batch_shards
+from nvae_tf.batch_shards import Parts, apply, each
 from nvae_tf import distributions
 from nvae_tf import latents
 from nvae_tf.objectives import SpectralRegularizer
@@ -347,24 +349,26 @@ class NVAE(CheckpointableCollections, keras.Model):
     def _decode(self, batch_size, next_latent, training):
         """Runs the top-down decoder; `next_latent(k, state)` returns z_k."""
         c = self.config
-        state = tf.tile(tf.cast(self.prior_ftr0, self.compute_dtype)[None],
-                        [batch_size, 1, 1, 1])
+        state = each(lambda size: tf.tile(
+            tf.cast(self.prior_ftr0, self.compute_dtype)[None],
+            [size, 1, 1, 1]), batch_size)
         cells = iter(self.decoder_cells)
         k = 0
         for scale, groups in enumerate(c.groups_per_decoder_scale):
             for _ in range(groups):
                 if k > 0:
                     for _ in range(c.num_cell_per_cond_dec):
-                        state = next(cells)(state, training=training)
+                        state = apply(next(cells), state, training=training)
                 z = next_latent(k, state)
-                state = self.decoder_combiners[k](state, z)
+                state = each(self.decoder_combiners[k], state, z)
                 k += 1
             if scale < c.num_latent_scales - 1:
-                state = self.decoder_up_cells[scale](state, training=training)
+                state = apply(self.decoder_up_cells[scale], state,
+                              training=training)
         for cell in self.postprocess:
-            state = cell(state, training=training)
-        logits = self.image_head(tf.nn.elu(state))
-        return tf.cast(logits, tf.float32)
+            state = apply(cell, state, training=training)
+        return each(lambda s: tf.cast(self.image_head(tf.nn.elu(s)),
+                                      tf.float32), state)
 
     def _prior_params(self, k, state, batch_size):
         if k == 0:
@@ -377,20 +381,22 @@ class NVAE(CheckpointableCollections, keras.Model):
     def _encode(self, x, training):
         """Bottom-up pass: the top feature and the remembered group features."""
         c = self.config
-        s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
+        s = each(lambda images: self.stem(
+            tf.cast(2.0 * images - 1.0, self.compute_dtype)), x)
         for cell in self.preprocess:
-            s = cell(s, training=training)
+            s = apply(cell, s, training=training)
         cells = iter(self.encoder_cells)
         features = []
         for scale in range(c.num_latent_scales):
             for _ in range(c.groups_per_scale[scale]):
                 for _ in range(c.num_cell_per_cond_enc):
-                    s = next(cells)(s, training=training)
+                    s = apply(next(cells), s, training=training)
                 features.append(s)
             if scale < c.num_latent_scales - 1:
-                s = self.encoder_down_cells[scale](s, training=training)
+                s = apply(self.encoder_down_cells[scale], s,
+                          training=training)
         features.pop()  # the last group's feature goes through enc0 instead
-        return tf.nn.elu(self.enc0(tf.nn.elu(s))), features
+        return each(lambda t: tf.nn.elu(self.enc0(tf.nn.elu(t))), s), features
 
     def call(self, x, training=None, eps=None, seed=None, shards=1):
         """Encodes x, decodes a posterior sample, and scores it.
@@ -402,9 +408,10 @@ class NVAE(CheckpointableCollections, keras.Model):
           eps: optional list of standard-normal tensors, one per latent group
             (top-down, shapes `latent_shapes(B)`), for a deterministic pass.
           seed: optional stateless seed [2] used when `eps` is None.
-          shards: inference only: run the batch as this many independent
-            parts (`batch_shards`; same result, faster on a CPU with one
-            intra-op thread per core).
+          shards: run the batch as this many parts (`batch_shards`; same
+            result, faster on a CPU with one intra-op thread per core). In
+            inference the parts are independent; in training they share
+            the batch-norm statistics of the whole batch.
 
         Returns:
           `NVAEOutput`.
@@ -412,48 +419,85 @@ class NVAE(CheckpointableCollections, keras.Model):
         x = self._prepare_input(x)
         batch_size = batch_shards.static_batch_size(x)
         noise = self._standard_normal(eps, batch_size, seed)
+        shards = self._check_shards(shards)
+        if training and shards > 1:
+            return self._training_shards(x, noise, batch_size, shards)
         return batch_shards.run(
             lambda part: self._forward(part[0], part[1:], training),
-            [x] + noise, batch_size, self._check_shards(shards, training),
-            _merge_outputs)
+            [x] + noise, batch_size, shards, _merge_outputs)
 
-    def _check_shards(self, shards, training):
+    @staticmethod
+    def _check_shards(shards, training=False):
         if not isinstance(shards, int) or shards < 1:
             raise ValueError(f"shards must be a positive int, got {shards!r}.")
         if shards > 1 and training:
             raise ValueError(
-                "shards > 1 is for inference only: batch norm in training "
-                "mode normalises with the whole batch's statistics.")
+                "sample(training=True) decodes unsharded: batch norm in "
+                "training mode normalises with the whole batch's statistics; "
+                "pass shards=1.")
         return shards
 
+    def _training_shards(self, x, noise, batch_size, shards):
+        """`call` in training mode on a batch cut into `shards` parts.
+
+        The parts run as separate chains of ops (`batch_shards.Parts`);
+        batch norm combines their statistics, so the result is the
+        unsharded one. A batch size known only at run time runs as one
+        part.
+        """
+        if not isinstance(batch_size, int):
+            return self._forward(x, noise, True)
+        sizes = batch_shards.shard_sizes(batch_size, shards)
+        parts = batch_shards.split([x] + noise, sizes)
+        if len(parts) == 1:
+            return self._forward(x, noise, True)
+        with batch_shards.sharing_weights():  # weight norms once per step
+            outputs = self._forward(Parts(p[0] for p in parts),
+                                    Parts(p[1:] for p in parts), True)
+        return _merge_outputs(list(outputs), sizes)
+
     def _forward(self, x, noise, training):
-        """`call` on prepared images with the noise of every group."""
+        """`call` on prepared images with the noise of every group.
+
+        `x` and `noise` may be `Parts` of a batch (training shards); the
+        result is then `Parts` of `NVAEOutput`s.
+        """
         c = self.config
-        batch_size = tf.shape(x)[0]
+        batch_size = each(lambda images: tf.shape(images)[0], x)
         top_feature, features = self._encode(x, training)
         groups = []
 
         def posterior_latent(k, state):
-            if k == 0:
-                feature = top_feature
-            else:
-                j = c.num_groups - 1 - k
-                feature = self.encoder_combiners[j](features[j], state)
-            posterior, prior = latents.posterior_and_prior(
-                self._prior_params(k, state, batch_size),
-                latents.split_params(self.encoder_samplers[k](feature)),
-                residual=c.res_dist and k > 0)
-            z_sampled = latents.sample_normal(posterior, noise[k])
-            z, log_det = z_sampled, 0.0
-            for n in range(c.num_nf):
-                z, step_log_det = self.flows[k * c.num_nf + n](z)
-                log_det = log_det + step_log_det
-            groups.append(latents.summarize_group(
-                posterior, prior, z_sampled, z, log_det,
-                analytic_kl=c.num_nf == 0))
-            return z
+            j = c.num_groups - 1 - k
+            result = each(
+                functools.partial(self._posterior_latent, k), state,
+                top_feature if k == 0 else features[j], noise, batch_size)
+            groups.append(each(lambda r: r[1], result))
+            return each(lambda r: r[0], result)
 
         logits = self._decode(batch_size, posterior_latent, training)
+        return each(self._output, x, logits, *groups)
+
+    def _posterior_latent(self, k, state, feature, noise, batch_size):
+        """(z_k, its `latents.summarize_group`) for a batch (part)."""
+        c = self.config
+        if k > 0:
+            feature = self.encoder_combiners[c.num_groups - 1 - k](
+                feature, state)
+        posterior, prior = latents.posterior_and_prior(
+            self._prior_params(k, state, batch_size),
+            latents.split_params(self.encoder_samplers[k](feature)),
+            residual=c.res_dist and k > 0)
+        z_sampled = latents.sample_normal(posterior, noise[k])
+        z, log_det = z_sampled, 0.0
+        for n in range(c.num_nf):
+            z, step_log_det = self.flows[k * c.num_nf + n](z)
+            log_det = log_det + step_log_det
+        return z, latents.summarize_group(posterior, prior, z_sampled, z,
+                                          log_det, analytic_kl=c.num_nf == 0)
+
+    def _output(self, x, logits, *groups):
+        """The `NVAEOutput` of a batch (part) from its logits and groups."""
         pixel_log_prob = self.image_distribution(logits).pixel_log_prob(x)
         recon_loss = -tf.reduce_sum(self._crop(pixel_log_prob), axis=(1, 2))
         kl_per_group = [g.kl for g in groups]
@@ -462,7 +506,7 @@ class NVAE(CheckpointableCollections, keras.Model):
             log_q=tf.add_n([g.log_q for g in groups]),
             log_p=tf.add_n([g.log_p for g in groups]),
             recon_loss=recon_loss,
-            nelbo=recon_loss + tf.add_n(kl_per_group), groups=groups)
+            nelbo=recon_loss + tf.add_n(kl_per_group), groups=list(groups))
 
     def sample(self, num_samples, temperature=1.0, eps=None, seed=None,
                training=False, latents_given=None, shards=1):

@@ -198,7 +198,8 @@ class Trainer:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             result = compute_loss(self.model, x, step, self.objective,
-                                  training=True, eps=eps)
+                                  training=True, eps=eps,
+                                  shards=self.runtime.train_shards or 1)
             loss = result.loss
             inject_at = self.train.debug_inject_nan_at_step
             if inject_at >= 0:
@@ -316,7 +317,8 @@ class Trainer:
                        ctx.replica_id_in_sync_group)
 
         def forward():
-            out = self.model(x, training=False, seed=seed)
+            out = self.model(x, training=False, seed=seed,
+                             shards=self.runtime.train_shards or 1)
             return [tf.reduce_sum(out.nelbo), tf.reduce_sum(out.recon_loss),
                     tf.reduce_sum(tf.add_n(out.kl_per_group))]
 

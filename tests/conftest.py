@@ -7,6 +7,10 @@ plain functions below (`conv2d_reference`, `randomize_weights`, ...) are
 imported by the layer tests as `from tests.conftest import ...`.
 """
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -41,6 +45,17 @@ def inference_test_config(head):
         num_preprocess_blocks=1, num_postprocess_blocks=1,
         num_preprocess_cells=1, num_postprocess_cells=1, use_se=True,
         res_dist=True, num_nf=0)
+
+
+def run_fresh_python(code: str) -> str:
+    """Runs `code` in a new Python process at the repository root (for
+    settings that must precede TensorFlow's runtime); returns its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def assert_nested_close(actual, expected, what, rtol):

@@ -9,19 +9,15 @@ with given latents, and the batch-averaged per-channel KL must be the mean
 over the whole batch, not over the parts.
 """
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from nvae_tf import batch_shards, bench
 from nvae_tf.model import NVAE
-from tests.conftest import assert_nested_close, inference_test_config
+from tests.conftest import (assert_nested_close, inference_test_config,
+                            run_fresh_python)
 
-REPO = os.path.join(os.path.dirname(__file__), "..")
 # Parts of a batch go through oneDNN convolutions of another batch size,
 # which may sum in another order: agreement to float32 rounding.
 RTOL = 1e-5
@@ -92,14 +88,15 @@ def test_sharded_sample_with_given_latents_and_unknown_batch(model):
                      f"images, n={n}")
 
 
-def test_shards_are_refused_in_training_and_when_not_positive(model):
+def test_shards_are_refused_in_training_sampling_and_when_not_positive(
+        model):
     x = _images(model, 4)
-    with pytest.raises(ValueError, match="inference only"):
-        model(x, training=True, shards=2)
-    with pytest.raises(ValueError, match="inference only"):
+    with pytest.raises(ValueError, match="decodes unsharded"):
         model.sample(4, 1.0, training=True, shards=2)
     with pytest.raises(ValueError, match="positive int"):
         model(x, training=False, shards=0)
+    with pytest.raises(ValueError, match="positive int"):
+        model(x, training=True, shards=0)
 
 
 def test_shard_sizes():
@@ -120,14 +117,10 @@ def test_inference_threads_in_a_fresh_process():
     """One intra-op thread and one inter-op thread per shard."""
     code = ("import tensorflow as tf\n"
             "from nvae_tf import batch_shards\n"
-            "batch_shards.configure_inference_threads(3)\n"
+            "batch_shards.configure_shard_threads(3)\n"
             "print(tf.config.threading.get_intra_op_parallelism_threads(),"
             " tf.config.threading.get_inter_op_parallelism_threads())\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "3"]
+    assert run_fresh_python(code).split() == ["1", "3"]
 
 
 def test_weight_tensors_are_computed_once_for_all_parts(model):

@@ -224,6 +224,7 @@ def test_synthetic_batches_have_the_data_range():
 @pytest.mark.parametrize("argv", [["--config=nope"], ["--steps=0"],
                                   ["--warmup=0"], ["--repeats=0"],
                                   ["--inference_shards=-1"],
+                                  ["--train_shards=-1"],
                                   ["--weights=frozen"]])
 def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as info:
@@ -236,15 +237,16 @@ def test_bad_arguments_exit_with_usage(argv):
 def test_cli_smoke_on_tiny_config(shards, weights):
     """Two timed steps, one repeat: one JSON line with the documented keys.
 
-    With two inference shards the repeat is two processes: training with
-    TensorFlow's threads, inference with 1 intra-op and 2 inter-op threads;
-    with one, a single process times all three functions. Eval and sample
-    read the weights as constants (the default) or from the variables.
+    With two inference shards the repeat is two processes, training and
+    inference, each with 1 intra-op and 2 inter-op threads (two training
+    and two inference shards); with one, a single process times all three
+    functions unsharded with TensorFlow's threads. Eval and sample read the
+    weights as constants (the default) or from the variables.
     """
     proc = subprocess.run(
         [sys.executable, "-m", "nvae_tf.bench", "--config=tiny", "--steps=2",
          "--warmup=1", "--repeats=1", f"--inference_shards={shards}",
-         f"--weights={weights}", "--json"],
+         f"--train_shards={shards}", f"--weights={weights}", "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -259,6 +261,7 @@ def test_cli_smoke_on_tiny_config(shards, weights):
     assert 0 < result["train_step_s"] and 0 < result["sample_s"]
     assert result["peak_rss_mb"] > 100
     assert result["inference_shards"] == shards
+    assert result["train_shards"] == shards
     assert result["weights"] == weights
     if shards == 1:  # TensorFlow's threads for everything, one process
         assert result["inference_threads"] == [
@@ -267,6 +270,7 @@ def test_cli_smoke_on_tiny_config(shards, weights):
         assert len(result["load_avg"][0]) == 2
         return
     assert result["inference_threads"] == [1, 2]
+    assert [result["intra_op_threads"], result["inter_op_threads"]] == [1, 2]
     assert result["peak_rss_mb"] == max(result["train_peak_rss_mb"],
                                         result["inference_peak_rss_mb"])
     assert len(result["load_avg"][0]) == 4  # both processes' timed calls

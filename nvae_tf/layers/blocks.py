@@ -8,7 +8,7 @@ import math
 import keras
 import tensorflow as tf
 
-from nvae_tf.batch_shards import shared_across_shards
+from nvae_tf.batch_shards import apply, each, shared_across_shards
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
 from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.tracking import CheckpointableCollections
@@ -119,14 +119,16 @@ class InvertedResidual(keras.layers.Layer):
         self.project.build(shape)
         self.bn_out.build(_conv_shape(shape, self.filters))
 
+    HANDLES_PARTS = True  # holds batch norms
+
     def call(self, inputs, training=None):
         if not training:
-            return self.inference(inputs)
-        x = upsample_nearest(inputs) if self.strides == -1 else inputs
-        x = self.bn_in(x, training=training)
-        x = self.expand(x, training=training)
-        x = self.depthwise(x, training=training)
-        return self.bn_out(self.project(x), training=training)
+            return each(self.inference, inputs)
+        x = each(upsample_nearest, inputs) if self.strides == -1 else inputs
+        x = apply(self.bn_in, x, training=training)
+        x = apply(self.expand, x, training=training)
+        x = apply(self.depthwise, x, training=training)
+        return apply(self.bn_out, apply(self.project, x), training=training)
 
     def inference(self, inputs):
         """Inference mode: every BN folded into a convolution.

@@ -10,6 +10,7 @@ import re
 
 import keras
 
+from nvae_tf.batch_shards import apply, each
 from nvae_tf.config import ARCH_INSTANCES
 from nvae_tf.layers.blocks import (FactorizedReduce, InvertedResidual,
                                    SqueezeExcite, UpsampleSkip)
@@ -98,14 +99,19 @@ class ResidualCell(CheckpointableCollections, keras.layers.Layer):
         if self.se is not None:
             self.se.build(shape)
 
+    HANDLES_PARTS = True  # holds batch norms
+
     def call(self, inputs, training=None):
         if training:
             branch = inputs
             for op in self.ops:
-                branch = op(branch, training=training)
+                branch = apply(op, branch, training=training)
         else:
-            branch = self._inference_branch(inputs)
-        skip = inputs if self.skip is None else self.skip(inputs)
+            branch = each(self._inference_branch, inputs)
+        skip = inputs if self.skip is None else apply(self.skip, inputs)
+        return each(self._join, skip, branch)
+
+    def _join(self, skip, branch):
         if self.se is not None:  # the 0.1 goes into the SE gate
             return skip + self.se(branch, scale=RESIDUAL_BRANCH_SCALE)
         return skip + RESIDUAL_BRANCH_SCALE * branch

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.batch_shards import shared_across_shards
+from nvae_tf.batch_shards import apply, each, shared_across_shards
 from nvae_tf.layers.norm import BatchNorm
 
 WEIGHT_NORM_EPS = 1e-5  # added to ||v|| in the denominator
@@ -306,10 +306,12 @@ class ConvBNSwish(keras.layers.Layer):
         self.conv.build(input_shape)
         self.bn.build(self.conv.compute_output_shape(input_shape))
 
+    HANDLES_PARTS = True  # holds a batch norm
+
     def call(self, inputs, training=None):
         if not training:
-            return self.inference(inputs)
-        return self.bn(self.conv(inputs), training=training)
+            return each(self.inference, inputs)
+        return apply(self.bn, apply(self.conv, inputs), training=training)
 
     def inference(self, inputs):
         """Inference mode with the BN folded into the convolution."""
@@ -367,11 +369,13 @@ class BNSwishConv(keras.layers.Layer):
             shape[1], shape[2] = 2 * shape[1], 2 * shape[2]
         self.conv.build(tuple(shape))
 
+    HANDLES_PARTS = True  # holds a batch norm
+
     def call(self, inputs, training=None):
-        y = self.bn(inputs, training=training)
+        y = apply(self.bn, inputs, training=training)
         if self.strides == -1:
-            y = upsample_nearest(y)
-        return self.conv(y)
+            y = each(upsample_nearest, y)
+        return apply(self.conv, y)
 
     def inference(self, inputs, normalized=False, next_bn=None):
         """Inference mode; BNs folded where that is exact.
