@@ -238,7 +238,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
     optimizer = optimizers.Adamax(learning_rate=schedule)
     optimizer.build(model.trainable_variables)
 
-    @tf.function(reduce_retracing=True, autograph=False, **compile_options)
+    @tf.function(reduce_retracing=True, **compile_options)
     def train_step(x):
         with tf.GradientTape() as tape:
             result = training.compute_loss(model, x, optimizer.iterations,

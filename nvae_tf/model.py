@@ -445,12 +445,11 @@ class NVAE(CheckpointableCollections, keras.Model):
         unsharded one. A batch size known only at run time runs as one
         part.
         """
-        if not isinstance(batch_size, int):
+        sizes = batch_shards.shard_sizes(batch_size, shards) \
+            if isinstance(batch_size, int) else [batch_size]
+        if len(sizes) == 1:
             return self._forward(x, noise, True)
-        sizes = batch_shards.shard_sizes(batch_size, shards)
         parts = batch_shards.split([x] + noise, sizes)
-        if len(parts) == 1:
-            return self._forward(x, noise, True)
         with batch_shards.sharing_weights():  # weight norms once per step
             outputs = self._forward(Parts(p[0] for p in parts),
                                     Parts(p[1:] for p in parts), True)

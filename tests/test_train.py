@@ -179,20 +179,25 @@ def _replica_loss_and_grads(tr):
     return float(loss), [g.numpy() for g in grads]
 
 
-def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
-        tmp_path):
-    """`--grappler=lean` (the default) vs TensorFlow's default passes."""
+def _tiny_configs(tmp_path):
+    """The configs of the tiny trainer flags on a fresh image folder."""
     from absl import flags
-    from tensorflow.core.protobuf import rewriter_config_pb2
     from nvae_tf import flags as nvae_flags
-    from nvae_tf import graph_options, train
-    from tests.test_graph_options import rewriter_config
     data = train_helpers.make_image_folder(str(tmp_path / "images"))
     values = flags.FlagValues()
     nvae_flags.define_flags(values)
     values(["train", *train_helpers.TINY_FLAGS, f"--data_dir={data}",
             f"--model_dir={tmp_path / 'run'}", "--strategy=one_device"])
-    configs = nvae_flags.from_flags(values)
+    return nvae_flags.from_flags(values)
+
+
+def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
+        tmp_path):
+    """`--grappler=lean` (the default) vs TensorFlow's default passes."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from nvae_tf import graph_options, train
+    from tests.test_graph_options import rewriter_config
+    configs = _tiny_configs(tmp_path)
     assert configs[-1].grappler == "lean"
     try:
         tr, _ = train.build_trainer(*configs, train.make_strategy(configs[-1]))
@@ -219,20 +224,13 @@ def test_training_shards_give_the_trainer_the_same_loss_and_gradients(
         tmp_path):
     """`--train_shards=2` vs unsharded: the same step-0 loss and gradients
     (the batch norms combine the parts' statistics)."""
-    import dataclasses
-    from absl import flags
-    from nvae_tf import flags as nvae_flags
     from nvae_tf import train
-    data = train_helpers.make_image_folder(str(tmp_path / "images"))
-    values = flags.FlagValues()
-    nvae_flags.define_flags(values)
-    values(["train", *train_helpers.TINY_FLAGS, f"--data_dir={data}",
-            f"--model_dir={tmp_path / 'run'}", "--strategy=one_device"])
-    configs = nvae_flags.from_flags(values)
+    configs = _tiny_configs(tmp_path)
     assert configs[-1].train_shards == 1
     tr, _ = train.build_trainer(*configs, train.make_strategy(configs[-1]))
+    assert tr.train_shards == 1
     loss, grads = _replica_loss_and_grads(tr)
-    tr.runtime = dataclasses.replace(tr.runtime, train_shards=2)
+    tr.train_shards = 2  # as --train_shards=2 (threads aside)
     sharded_loss, sharded_grads = _replica_loss_and_grads(tr)
     assert np.isfinite(loss)
     np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)

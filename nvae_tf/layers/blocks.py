@@ -123,7 +123,7 @@ class InvertedResidual(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         if not training:
-            return each(self.inference, inputs)
+            return self.inference(inputs)
         x = each(upsample_nearest, inputs) if self.strides == -1 else inputs
         x = apply(self.bn_in, x, training=training)
         x = apply(self.expand, x, training=training)

@@ -107,7 +107,7 @@ class ResidualCell(CheckpointableCollections, keras.layers.Layer):
             for op in self.ops:
                 branch = apply(op, branch, training=training)
         else:
-            branch = each(self._inference_branch, inputs)
+            branch = self._inference_branch(inputs)
         skip = inputs if self.skip is None else apply(self.skip, inputs)
         return each(self._join, skip, branch)
 

@@ -310,7 +310,7 @@ class ConvBNSwish(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         if not training:
-            return each(self.inference, inputs)
+            return self.inference(inputs)
         return apply(self.bn, apply(self.conv, inputs), training=training)
 
     def inference(self, inputs):

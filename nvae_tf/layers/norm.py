@@ -203,8 +203,8 @@ class BatchNorm(keras.layers.Layer):
     HANDLES_PARTS = True  # the statistics cover all parts of a batch
 
     def call(self, inputs, training=None):
-        if isinstance(inputs, Parts):
-            return self._call_parts(inputs, training)
+        if isinstance(inputs, Parts):  # training shards
+            return self._call_parts(inputs)
         x = tf.cast(inputs, tf.float32)
         gamma = tf.convert_to_tensor(self.gamma)
         beta = tf.convert_to_tensor(self.beta)
@@ -235,10 +235,9 @@ class BatchNorm(keras.layers.Layer):
             y = tf.nn.silu(y)
         return tf.cast(y, self.compute_dtype)
 
-    def _call_parts(self, parts, training):
-        """`call` on `Parts`: training statistics over all of them."""
-        if not training:
-            return Parts(self.call(part, training=False) for part in parts)
+    def _call_parts(self, parts):
+        """Training-mode `call` on `Parts` (only training shards make them,
+        `NVAE.call`): the statistics of all parts together."""
         ctx = tf.distribute.get_replica_context()
         if self.synchronized and ctx is not None \
                 and ctx.num_replicas_in_sync > 1:
