@@ -33,10 +33,13 @@ time; their timed calls run one process at a time. Per repeat the median,
 minimum and median process CPU time over calls are recorded; the reported
 figure is the median over repeats, with peak RSS (`ru_maxrss`, the larger
 of the repeat's processes; also per process), parameter count, TF version
-and thread settings: one JSON object
-per config and line with `--json`, else a table against the official
-PyTorch figures (`REFERENCE`). A FLAGFILE is a trainer flagfile
-(`configs/*.cfg`), read with `nvae_tf.flags`. `--jit_compile` and
+and thread settings: one JSON object per config and line with `--json`,
+else a table against the official PyTorch figures (`REFERENCE`). Each
+function's multiply-adds (`*_gmacs`, `nvae_tf.multiply_adds`) divided by
+the fastest float32 multiply-add rate the workers measure
+(`peak_gmacs_per_s`) give its arithmetic floor (`*_bound_s`): the time no
+setting can beat without changing the arithmetic. A FLAGFILE is a trainer
+flagfile (`configs/*.cfg`), read with `nvae_tf.flags`. `--jit_compile` and
 `--mixed_precision` measure the alternatives to the default float32,
 non-XLA path. `--grappler=default` optimises the graphs with all of
 TensorFlow's default Grappler passes instead of the `lean` set
@@ -57,6 +60,7 @@ import sys
 import tempfile
 import time
 
+from nvae_tf import multiply_adds
 from nvae_tf.batch_shards import configure_shard_threads, resolve_shards
 from nvae_tf.config import NVAEConfig
 from nvae_tf.constant_weights import with_constant_weights
@@ -270,6 +274,7 @@ def run_worker(args) -> dict:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
+    rss_stages = {"import": _peak_rss_mb()}  # the peak RSS, stage by stage
     shards = args.inference_shards if args.phase == "inference" else 1
     train_shards = args.train_shards if args.phase == "train" else 1
     if max(shards, train_shards) > 1:
@@ -297,6 +302,7 @@ def run_worker(args) -> dict:
         constant_weights=args.weights == "constant",
         train_shards=train_shards)
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
+    rss_stages["build"] = _peak_rss_mb()
     result = {"config": args.config, "batch_size": batch_size,
               "params": int(sum(v.shape.num_elements()
                                 for v in model.trainable_variables)),
@@ -314,6 +320,7 @@ def run_worker(args) -> dict:
         start = time.perf_counter()
         fns[name]().numpy()
         result[f"{name}_first_call_s"] = time.perf_counter() - start
+    rss_stages["first_calls"] = _peak_rss_mb()
     if args.sync_dir:
         _wait_for_turn(args.sync_dir, args.index)
     load_start = os.getloadavg()[0]
@@ -323,7 +330,17 @@ def run_worker(args) -> dict:
         result[f"{name}_s"] = statistics.median(wall)
         result[f"{name}_min_s"] = min(wall)
         result[f"{name}_cpu_s"] = statistics.median(cpu)
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = rss_stages["timed_calls"] = _peak_rss_mb()
+    result[f"{args.phase}_rss_stages_mb"] = rss_stages
+    traced = {"train_step": (train_step, x), "eval": (eval_step, x, seed()),
+              "sample": (sample, seed())}
+    for name in timed:  # the traced functions' arithmetic, untimed
+        function, *arguments = traced[name]
+        concrete = function.get_concrete_function(*arguments)
+        result[f"{name}_gmacs"] = \
+            multiply_adds.function_multiply_adds(concrete) / 1e9
+    result["peak_gmacs_per_s"] = multiply_adds.peak_rate(
+        os.cpu_count() or 1) / 1e9
     if args.phase != "all":
         result[f"{args.phase}_peak_rss_mb"] = result["peak_rss_mb"]
     result["load_avg"] = [load_start, os.getloadavg()[0]]
@@ -432,6 +449,7 @@ def _merge_phases(results: list) -> dict:
     for result in results:
         merged.update(result)
     merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    merged["peak_gmacs_per_s"] = max(r["peak_gmacs_per_s"] for r in results)
     merged["load_avg"] = [v for r in results for v in r["load_avg"]]
     return merged
 
@@ -460,9 +478,13 @@ def run_repeats(args, config_name: str) -> dict:
       (medians over repeats of the per-repeat median wall-clock seconds),
       `*_min_s` (minimum over all timed calls), `*_cpu_s` (median process
       CPU seconds per call), images/s, `peak_rss_mb` (median over repeats of
-      the worker's peak RSS), the load average around each repeat's timed
-      calls, the first-call (trace + graph optimisation) seconds, and the
-      ratios to `REFERENCE`.
+      the worker's peak RSS) and, per worker phase, the peak RSS after each
+      stage (`<phase>_rss_stages_mb`: import, build, first calls, timed
+      calls), the load average around each repeat's timed calls, the
+      first-call (trace + graph optimisation) seconds, the multiply-adds
+      of each function (`*_gmacs`), the machine's rate
+      (`peak_gmacs_per_s`) and their quotient (`*_bound_s`), and the
+      ratios of the times and floors to `REFERENCE`.
     """
     start = time.perf_counter()
     runs = _run_workers(args, config_name)
@@ -485,6 +507,12 @@ def run_repeats(args, config_name: str) -> dict:
         summary[f"{name}_cpu_s"] = median(f"{name}_cpu_s")
         summary[f"{name}_s_per_repeat"] = [round(r[f"{name}_s"], 4)
                                            for r in runs]
+    # The arithmetic floor: multiply-adds at this machine's fastest rate.
+    summary["peak_gmacs_per_s"] = median("peak_gmacs_per_s", 1)
+    for name in TIMED:
+        summary[f"{name}_gmacs"] = round(runs[0][f"{name}_gmacs"], 4)
+        summary[f"{name}_bound_s"] = round(
+            summary[f"{name}_gmacs"] / summary["peak_gmacs_per_s"], 4)
     batch = summary["batch_size"]
     summary["train_images_per_s"] = round(batch / summary["train_step_s"], 1)
     summary["eval_images_per_s"] = round(batch / summary["eval_s"], 1)
@@ -494,6 +522,10 @@ def run_repeats(args, config_name: str) -> dict:
         if phase != "all":
             summary[f"{phase}_peak_rss_mb"] = median(
                 f"{phase}_peak_rss_mb", 1)
+        summary[f"{phase}_rss_stages_mb"] = {
+            stage: round(statistics.median(
+                r[f"{phase}_rss_stages_mb"][stage] for r in runs), 1)
+            for stage in runs[0][f"{phase}_rss_stages_mb"]}
     summary["build_s"] = median("build_s", 2)
     for name in TIMED:
         summary[f"{name}_first_call_s"] = median(f"{name}_first_call_s", 2)
@@ -505,6 +537,10 @@ def run_repeats(args, config_name: str) -> dict:
         summary["ratio_to_reference"] = {
             key: round(summary[key] / value, 3)
             for key, value in reference.items()}
+        summary["bound_ratio_to_reference"] = {
+            f"{name}_s": round(summary[f"{name}_bound_s"]
+                               / reference[f"{name}_s"], 3)
+            for name in TIMED if f"{name}_s" in reference}
     return summary
 
 
@@ -518,7 +554,12 @@ def _print_table(summary: dict):
         if key in ref:
             line += f"   reference {ref[key]:>8}   ratio " \
                     f"{summary[key] / ref[key]:.2f}"
+        bound = summary.get(key[:-len("_s")] + "_bound_s")
+        if bound is not None:
+            line += f"   arithmetic floor {bound:.4f}"
         print(line)
+    print(f"  ({summary['peak_gmacs_per_s']} G multiply-adds/s at most "
+          f"on this machine; floor = the function's multiply-adds at it)")
 
 
 def parse_args(argv=None):

@@ -260,6 +260,17 @@ def test_cli_smoke_on_tiny_config(shards, weights):
     assert result["config"] == "tiny" and result["params"] > 0
     assert 0 < result["train_step_s"] and 0 < result["sample_s"]
     assert result["peak_rss_mb"] > 100
+    assert result["peak_gmacs_per_s"] > 0.1
+    for name in bench.TIMED:  # the arithmetic floor of each function
+        assert result[f"{name}_gmacs"] > 0
+        assert result[f"{name}_bound_s"] == pytest.approx(
+            result[f"{name}_gmacs"] / result["peak_gmacs_per_s"],
+            rel=1e-3, abs=1e-4)
+    for phase in ("train", "inference") if shards > 1 else ("all",):
+        stages = result[f"{phase}_rss_stages_mb"]  # a peak: never falls
+        assert list(stages) == ["import", "build", "first_calls",
+                                "timed_calls"]
+        assert list(stages.values()) == sorted(stages.values())
     assert result["inference_shards"] == shards
     assert result["train_shards"] == shards
     assert result["weights"] == weights
