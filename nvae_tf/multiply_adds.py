@@ -18,7 +18,6 @@ called from the graph are counted where they are called; a loop body
 from __future__ import annotations
 
 import collections
-import statistics
 import time
 
 # Op type -> (kind, input index of the kernel (None: the op's output is
@@ -41,7 +40,7 @@ _CALLS = ("PartitionedCall", "StatefulPartitionedCall", "While",
 
 # `peak_rate`: float32 matrix products of this size, one per core.
 PEAK_MATRIX_SIZE = 512
-PEAK_CALLS = 20
+PEAK_CALLS = 30
 
 
 def _dims(shape, op) -> list:
@@ -69,9 +68,11 @@ def _op_multiply_adds(op):
                   else _dims(op.inputs[kernel_at].shape, op))
         out = _dims(op.inputs[dy_at].shape if dy_at is not None
                     else op.outputs[0].shape, op)
+        taps = kernel[0] * kernel[1]
+        kind = f"{kind} {kernel[0]}x{kernel[1]}"
         if kind.startswith("depthwise"):  # taps per output element
-            return kind, _product(out) * kernel[0] * kernel[1]
-        return kind, _product(out) * kernel[0] * kernel[1] * kernel[2]
+            return kind, _product(out) * taps
+        return kind, _product(out) * taps * kernel[2]
     if op.type in _MATMULS:
         a = _dims(op.inputs[0].shape, op)
         transposed = op.get_attr(_MATMULS[op.type])
@@ -87,8 +88,10 @@ def count(graph, _seen=None) -> dict:
       graph: e.g. `concrete_function.graph`.
 
     Returns:
-      {kind: multiply-adds} for the kinds present, kinds: `convolution`,
-      `convolution gradient`, `depthwise`, `depthwise gradient`, `matmul`.
+      {kind: multiply-adds} for the kinds present, kinds: `matmul` and
+      `convolution KHxKW`, `convolution gradient KHxKW`, `depthwise
+      KHxKW`, `depthwise gradient KHxKW` by kernel size (both gradients
+      of a convolution under one kind).
 
     Raises:
       ValueError: a counted op's shape was not known at trace time.
@@ -124,7 +127,8 @@ def peak_rate(parallel: int, size: int = PEAK_MATRIX_SIZE,
     these oneDNN kernels reach with the process' thread settings.
 
     Returns:
-      multiply-adds per second, median over `calls` calls.
+      multiply-adds per second of the fastest of `calls` calls (a floor
+      must not assume a rate slower than the machine can reach).
     """
     import tensorflow as tf
 
@@ -143,4 +147,4 @@ def peak_rate(parallel: int, size: int = PEAK_MATRIX_SIZE,
         start = time.perf_counter()
         _ = [p.numpy() for p in products()]
         seconds.append(time.perf_counter() - start)
-    return work / statistics.median(seconds)
+    return work / min(seconds)

@@ -262,6 +262,8 @@ def test_cli_smoke_on_tiny_config(shards, weights):
     assert result["peak_rss_mb"] > 100
     assert result["peak_gmacs_per_s"] > 0.1
     for name in bench.TIMED:  # the arithmetic floor of each function
+        assert result[f"{name}_gmacs"] == pytest.approx(
+            sum(result[f"{name}_gmacs_by_kind"].values()), abs=1e-3)
         assert result[f"{name}_gmacs"] > 0
         assert result[f"{name}_bound_s"] == pytest.approx(
             result[f"{name}_gmacs"] / result["peak_gmacs_per_s"],

@@ -23,15 +23,15 @@ def test_convolution_and_both_gradients():
 
     counted = _count(loss_and_grads, tf.TensorSpec([2, 8, 8, 3]),
                      tf.TensorSpec([3, 3, 3, 5]))
-    assert counted == {"convolution": forward,
-                       "convolution gradient": 2 * forward}
+    assert counted == {"convolution 3x3": forward,
+                       "convolution gradient 3x3": 2 * forward}
 
 
 def test_strided_convolution_counts_its_output_elements():
     fn = tf.function(lambda x, k: tf.nn.conv2d(x, k, 2, "SAME"))
     assert _count(fn, tf.TensorSpec([2, 8, 8, 3]),
                   tf.TensorSpec([3, 3, 3, 5])) == {
-                      "convolution": 2 * 4 * 4 * 5 * 3 * 3 * 3}
+                      "convolution 3x3": 2 * 4 * 4 * 5 * 3 * 3 * 3}
 
 
 def test_depthwise_counts_taps_per_output_element():
@@ -40,7 +40,7 @@ def test_depthwise_counts_taps_per_output_element():
         x, k, (1, 1, 1, 1), "SAME"))
     assert _count(fn, tf.TensorSpec([2, 8, 8, 4]),
                   tf.TensorSpec([5, 5, 4, 2])) == {
-                      "depthwise": 2 * 8 * 8 * 8 * 5 * 5}
+                      "depthwise 5x5": 2 * 8 * 8 * 8 * 5 * 5}
 
 
 def test_matmul_transposed_and_batched():
@@ -72,3 +72,24 @@ def test_element_wise_ops_are_not_counted():
 def test_peak_rate_of_this_machine():
     rate = multiply_adds.peak_rate(parallel=1, size=128, calls=3)
     assert 1e8 < rate < 1e13  # multiply-adds per second of one CPU core
+
+
+def test_agrees_with_tensorflow_profiler():
+    """TensorFlow's float-op statistics count 2 flops per multiply-add."""
+    @tf.function
+    def convolutions(x, kernel, depthwise_kernel):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = tf.nn.conv2d(x, kernel, 1, "SAME")
+        grads = tape.gradient(y, [x, kernel], output_gradients=tf.ones_like(y))
+        return grads, tf.nn.depthwise_conv2d(x, depthwise_kernel,
+                                             (1, 1, 1, 1), "SAME")
+
+    concrete = convolutions.get_concrete_function(
+        tf.TensorSpec([2, 8, 8, 3]), tf.TensorSpec([3, 3, 3, 5]),
+        tf.TensorSpec([5, 5, 3, 2]))
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(concrete.graph, options=options)
+    assert profile.total_float_ops == \
+        2 * multiply_adds.function_multiply_adds(concrete)
