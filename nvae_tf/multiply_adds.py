@@ -10,9 +10,9 @@ both (`python -m nvae_tf.bench`, `*_gmacs`, `*_bound_s`).
 Counted ops (one multiply-add per kernel tap, input channel and output
 element): `Conv2D` and its two gradients, `DepthwiseConv2dNative` and its
 gradients, `MatMul`, `BatchMatMul`. Everything else (element-wise ops,
-reductions, normals) is memory-bound work that comes on top. Functions
-called from the graph are counted where they are called; a loop body
-(`while_loop`) is counted once.
+reductions, normals) is memory-bound work that comes on top. A called
+function is counted at each call, a loop's body (`while_loop`) once and
+both branches of a conditional.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ _CONVOLUTIONS = {
 _MATMULS = {"MatMul": "transpose_a", "_FusedMatMul": "transpose_a",
             "BatchMatMul": "adj_x", "BatchMatMulV2": "adj_x",
             "BatchMatMulV3": "adj_x"}
-_CALLS = ("PartitionedCall", "StatefulPartitionedCall", "While",
-          "StatelessWhile", "If", "StatelessIf")
+
+# Call, loop and conditional ops -> attributes naming the functions run.
+_FUNCTION_ATTRS = {"PartitionedCall": ("f",),
+                   "StatefulPartitionedCall": ("f",),
+                   "While": ("body",), "StatelessWhile": ("body",),
+                   "If": ("then_branch", "else_branch"),
+                   "StatelessIf": ("then_branch", "else_branch")}
 
 # `peak_rate`: float32 matrix products of this size, one per core.
 PEAK_MATRIX_SIZE = 512
@@ -81,7 +86,7 @@ def _op_multiply_adds(op):
     return None
 
 
-def count(graph, _seen=None) -> dict:
+def count(graph, _library=None) -> dict:
     """Multiply-adds of the graph (a `FuncGraph` or `tf.Graph`) by kind.
 
     Args:
@@ -96,19 +101,26 @@ def count(graph, _seen=None) -> dict:
     Raises:
       ValueError: a counted op's shape was not known at trace time.
     """
-    seen = set() if _seen is None else _seen
+    # The graphs of called functions, loop bodies and branches, by name,
+    # as the graph that calls them keeps them (a private FuncGraph
+    # attribute).
+    library = dict(_library or {})
+    for name, function in getattr(graph, "_functions", {}).items():
+        if getattr(function, "graph", None) is not None:
+            library[name] = function.graph
     totals = collections.Counter()
     for op in graph.get_operations():
         counted = _op_multiply_adds(op)
         if counted is not None:
             totals[counted[0]] += counted[1]
-    # Called functions and loop bodies: their graphs are kept by the
-    # graph that calls them (a private attribute of FuncGraph).
-    for function in getattr(graph, "_functions", {}).values():
-        body = getattr(function, "graph", None)
-        if body is not None and id(body) not in seen:
-            seen.add(id(body))
-            totals.update(count(body, seen))
+        for attr in _FUNCTION_ATTRS.get(op.type, ()):
+            name = op.get_attr(attr).name
+            name = name.decode() if isinstance(name, bytes) else name
+            if name not in library:
+                raise ValueError(
+                    f"op {op.name} ({op.type}) calls the function {name}, "
+                    f"whose graph is not available to count.")
+            totals.update(count(library[name], library))
     return dict(totals)
 
 

@@ -51,11 +51,24 @@ def test_matmul_transposed_and_batched():
     assert counted == {"matmul": 3 * 6 * 4 + 2 * 3 * 6 * 4}
 
 
-def test_called_functions_are_counted():
+def test_called_functions_are_counted_at_each_call():
     inner = tf.function(lambda a, b: tf.matmul(a, b))
-    outer = tf.function(lambda a, b: inner(a, b) + tf.matmul(a, b))
+    middle = tf.function(lambda a, b: inner(a, b) + inner(a, b))
+    outer = tf.function(lambda a, b: middle(a, b) + tf.matmul(a, b))
     assert _count(outer, tf.TensorSpec([3, 4]),
-                  tf.TensorSpec([4, 5])) == {"matmul": 2 * 3 * 5 * 4}
+                  tf.TensorSpec([4, 5])) == {"matmul": 3 * 3 * 5 * 4}
+
+
+def test_loop_bodies_and_both_branches_are_counted_once():
+    def fn(a, flag):
+        _, a = tf.while_loop(lambda i, a: i < 3,
+                             lambda i, a: (i + 1, tf.matmul(a, a)),
+                             (tf.constant(0), a))
+        return tf.cond(flag, lambda: tf.matmul(a, a),
+                       lambda: tf.matmul(a, a, transpose_a=True))
+
+    assert _count(tf.function(fn), tf.TensorSpec([4, 4]),
+                  tf.TensorSpec([], tf.bool)) == {"matmul": 3 * 4 ** 3}
 
 
 def test_unknown_shapes_are_refused():
