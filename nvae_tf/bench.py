@@ -560,9 +560,9 @@ def _print_table(summary: dict):
         if key in ref:
             line += f"   reference {ref[key]:>8}   ratio " \
                     f"{summary[key] / ref[key]:.2f}"
-        bound = summary.get(key[:-len("_s")] + "_bound_s")
-        if bound is not None:
-            line += f"   arithmetic floor {bound:.4f}"
+        name = key[:-len("_s")]
+        if name in TIMED:
+            line += f"   arithmetic floor {summary[name + '_bound_s']:.4f}"
         print(line)
     print(f"  ({summary['peak_gmacs_per_s']} G multiply-adds/s at most "
           f"on this machine; floor = the function's multiply-adds at it)")

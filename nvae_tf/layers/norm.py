@@ -19,6 +19,25 @@ BN_EPSILON = 1e-5
 ACTIVATIONS = (None, "swish")
 
 
+def _normalize(x, gamma, beta, mean, variance, epsilon):
+    """x normalised with the given statistics (biased variance), fused."""
+    y, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=mean, variance=variance,
+        epsilon=epsilon, is_training=False)
+    return y
+
+
+def _biased(unbiased, count):
+    """The biased variance of `count` values from the unbiased one."""
+    return unbiased * tf.maximum(count - 1.0, 0.0) / count
+
+
+def _swish_backprop(d_out, y):
+    """The gradient at Swish's input y from the gradient at its output."""
+    sig = tf.sigmoid(y)
+    return d_out * sig * (1.0 + y * (1.0 - sig))
+
+
 def _batch_norm_swish_training(x, gamma, beta, epsilon):
     """Training-mode BN (batch statistics) then Swish, keeping only `x`.
 
@@ -39,15 +58,12 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
 
         def grad(d_out, *unused_statistics_grads):
             count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-            biased = unbiased * (count - 1.0) / count
+            biased = _biased(unbiased, count)
             # Not before the backward pass reaches this layer: the executor
             # would run it as soon as x is ready and keep the result.
             with tf.control_dependencies([d_out]):
-                y, *_ = tf.raw_ops.FusedBatchNormV3(
-                    x=x, scale=gamma, offset=beta, mean=mean,
-                    variance=biased, epsilon=epsilon, is_training=False)
-            sig = tf.sigmoid(y)
-            d_y = d_out * sig * (1.0 + y * (1.0 - sig))
+                y = _normalize(x, gamma, beta, mean, biased, epsilon)
+            d_y = _swish_backprop(d_out, y)
             d_x, d_gamma, d_beta, *_ = tf.raw_ops.FusedBatchNormGradV3(
                 y_backprop=d_y, x=x, scale=gamma, reserve_space_1=reserve[0],
                 reserve_space_2=reserve[1], reserve_space_3=reserve[2],
@@ -68,7 +84,7 @@ def _part_moments(x, count, gamma, beta, epsilon):
     _, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
         x=x, scale=gamma, offset=beta, mean=tf.zeros([0]),
         variance=tf.zeros([0]), epsilon=epsilon, is_training=True)
-    return mean, unbiased * tf.maximum(count - 1.0, 0.0) / count
+    return mean, _biased(unbiased, count)
 
 
 def _batch_norm_parts_training(xs, gamma, beta, epsilon, swish):
@@ -101,10 +117,7 @@ def _batch_norm_parts_training(xs, gamma, beta, epsilon, swish):
         unbiased = variance * total / tf.maximum(total - 1.0, 1.0)
 
         def normalize(x):
-            y, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=gamma, offset=beta, mean=mean, variance=variance,
-                epsilon=epsilon, is_training=False)
-            return y
+            return _normalize(x, gamma, beta, mean, variance, epsilon)
 
         def grad(*output_grads):
             d_xs, d_gammas, d_betas = [], [], []
@@ -114,9 +127,7 @@ def _batch_norm_parts_training(xs, gamma, beta, epsilon, swish):
                 # results (see `_batch_norm_swish_training`).
                 with tf.control_dependencies([d_out]):
                     if swish:
-                        z = normalize(x)
-                        sig = tf.sigmoid(z)
-                        d_out = d_out * sig * (1.0 + z * (1.0 - sig))
+                        d_out = _swish_backprop(d_out, normalize(x))
                     # With the statistics as given: gamma rstd d, and the
                     # part's sums of d x_hat and d.
                     d_x, d_gamma, d_beta, *_ = \
