@@ -13,11 +13,11 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
-from nvae_tf import batch_shards
-from nvae_tf.batch_shards import Parts, apply, each
+from nvae_tf.fast import inference_shards as batch_shards
+from nvae_tf.fast.inference_shards import Parts, apply, each
 from nvae_tf import distributions
 from nvae_tf import latents
-from nvae_tf.objectives import SpectralRegularizer
+from nvae_tf.layers.spectral import SpectralRegularizer
 from nvae_tf.config import MNIST_PAD, NVAEConfig
 from nvae_tf.layers.cells import ResidualCell
 from nvae_tf.layers.combiners import DecoderCombinerCell, EncoderCombinerCell

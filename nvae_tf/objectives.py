@@ -17,15 +17,15 @@ from `SpectralRegularizer` and BNreg from `batchnorm_regularization`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import NamedTuple
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.layers.tracking import CheckpointableCollections
 
 # KL balancing: floor added to each group's mean |KL| so that groups with
 # (nearly) zero KL still get a finite, positive coefficient.
@@ -33,10 +33,6 @@ KL_BALANCE_OFFSET = 0.01
 # KL balancing prior 'square' rule: each decoder scale down the hierarchy has
 # 2x the resolution, i.e. 4x the latent positions, of the scale above it.
 KL_BALANCE_SCALE_BASE = 4.0
-# Power iteration: normalize(x) = x / max(||x||, eps).
-POWER_ITERATION_EPS = 1e-3
-# The first call (fresh u, v) runs this many times `num_power_iterations`.
-FIRST_CALL_ITERATION_MULTIPLIER = 10
 
 
 def _as_float32(x) -> tf.Tensor:
@@ -208,149 +204,114 @@ def batchnorm_regularization(gammas: Sequence[tf.Tensor]) -> tf.Tensor:
     terms = [tf.reduce_max(tf.abs(_as_float32(g))) for g in gammas]
     return tf.add_n(terms) if terms else tf.constant(0.0, tf.float32)
 
-
-def _normalize(x: tf.Tensor) -> tf.Tensor:
-    """x / max(||x||, eps) along the last axis."""
-    norm = tf.norm(x, axis=-1, keepdims=True)
-    return x / tf.maximum(norm, POWER_ITERATION_EPS)
+ACTIVE_UNIT_KL = 0.1  # a latent channel is "active" above this KL (nats)
 
 
-@keras.saving.register_keras_serializable(package="nvae_tf")
-class SpectralRegularizer(CheckpointableCollections, keras.layers.Layer):
-    """Spectral regulariser SR = sum_i sigma(W_i) by persistent power iteration.
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Objective settings, official flag names.
 
-    For each matrix W [rows, cols] (a conv kernel reshaped to
-    [C_out, C_in/groups * kh * kw]) the layer keeps unit vectors u [rows],
-    v [cols]. One power iteration (no gradient) is
-
-        v <- normalize(W^T u),   u <- normalize(W v),
-        normalize(x) = x / max(||x||, 1e-3),
-
-    and the estimate is sigma(W) = u^T W v with u, v constant, so
-    d sigma / d W = u v^T. The first call runs
-    `FIRST_CALL_ITERATION_MULTIPLIER * num_power_iterations` (40) iterations
-    from u, v ~ N(0, 1) normalised; every later call continues from the
-    stored u, v with `num_power_iterations` (4) iterations.
-
-    Matrices of equal shape share a bucket and are iterated together as one
-    batched matmul. `build(shapes)` fixes the list of shapes; every call must
-    pass matrices of those shapes in the same order. Per bucket the state is
-    two non-trainable weights `u_RxC` [n, rows] and `v_RxC` [n, cols]
-    (aggregation "mean", so replicas of a `tf.distribute` strategy stay
-    identical), plus one flag `initialized` for the whole layer. Unlike the
-    official code, the state is saved with the model's weights, so a resumed
-    run continues with 4 iterations (a converted PyTorch checkpoint has none:
-    the flag stays 0 and the first call runs 40).
-
-    The layer computes in float32 whatever the global dtype policy.
-
-    Args:
-      num_power_iterations: iterations per call after the first.
-      seed: seed of the N(0, 1) initial u, v.
+    Attributes:
+      total_steps: iterations of the whole run (drives the KL warm-up).
+      kl_anneal_portion: fraction of `total_steps` over which beta reaches 1.
+      kl_const_portion: fraction of `total_steps` held at `kl_const_coeff`.
+      kl_const_coeff: floor of beta.
+      weight_decay_norm: lambda of spectral + BN regularisation (final value
+        when annealed); 0 switches both off.
+      weight_decay_norm_init: initial lambda of the anneal.
+      weight_decay_norm_anneal: anneal lambda geometrically with beta.
     """
 
-    def __init__(self, num_power_iterations: int = 4, seed: int | None = None,
-                 **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        if int(num_power_iterations) != num_power_iterations or (
-                num_power_iterations < 1):
-            raise ValueError("`num_power_iterations` must be an int >= 1. "
-                             f"Received: num_power_iterations="
-                             f"{num_power_iterations}")
-        self.num_power_iterations = int(num_power_iterations)
-        self.seed = seed
-        self._buckets: list[list[int]] = []  # matrix indices per bucket
-        self._bucket_shapes: list[tuple[int, int]] = []
-        self._u: list[keras.Variable] = []
-        self._v: list[keras.Variable] = []
+    total_steps: int = 1
+    kl_anneal_portion: float = 0.3
+    kl_const_portion: float = 1e-4
+    kl_const_coeff: float = 1e-4
+    weight_decay_norm: float = 0.0
+    weight_decay_norm_init: float = 10.0
+    weight_decay_norm_anneal: bool = False
 
-    def build(self, shapes):
-        """Creates the bucket state for matrices of the given 2-D `shapes`."""
-        shapes = [tuple(int(d) for d in s) for s in shapes]
-        for s in shapes:
-            if len(s) != 2:
-                raise ValueError("Every matrix must be 2-D [rows, cols]. "
-                                 f"Received shape: {s}")
-        index = {}
-        for i, s in enumerate(shapes):
-            if s not in index:
-                index[s] = len(self._buckets)
-                self._buckets.append([])
-                self._bucket_shapes.append(s)
-            self._buckets[index[s]].append(i)
-        self._num_matrices = len(shapes)
-        seed = self.seed
-        for b, (rows, cols) in enumerate(self._bucket_shapes):
-            n = len(self._buckets[b])
-            for store, width, tag in ((self._u, rows, "u"),
-                                      (self._v, cols, "v")):
-                init_seed = None if seed is None else seed + 2 * b + (
-                    tag == "v")
-                store.append(self.add_weight(
-                    shape=(n, width), name=f"{tag}_{rows}x{cols}",
-                    initializer=keras.initializers.RandomNormal(
-                        stddev=1.0, seed=init_seed),
-                    trainable=False, aggregation="mean"))
-        # All replicas set the same value; "only_first_replica" also works for
-        # an integer variable, where "mean" would not.
-        self.initialized = self.add_weight(
-            shape=(), dtype="int32", name="initialized", initializer="zeros",
-            trainable=False, aggregation="only_first_replica")
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps={self.total_steps}; expected >= 1.")
+        for name in ("kl_anneal_portion", "kl_const_portion",
+                     "kl_const_coeff"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}; expected a "
+                                 "value in [0, 1].")
+        if self.kl_anneal_portion == 0.0:
+            raise ValueError("kl_anneal_portion=0; expected a value in (0, 1].")
+        if self.weight_decay_norm < 0:
+            raise ValueError(f"weight_decay_norm={self.weight_decay_norm}; "
+                             "expected >= 0.")
+        if self.weight_decay_norm_anneal and (
+                self.weight_decay_norm <= 0 or self.weight_decay_norm_init <= 0):
+            raise ValueError("weight_decay_norm_anneal needs weight_decay_norm "
+                             "> 0 and weight_decay_norm_init > 0.")
 
-    def _power_iterate(self, weight, u, v, num_iterations):
-        """Runs `num_iterations` batched power iterations; weight [n, r, c]."""
-        def body(i, u, v):
-            v = _normalize(tf.linalg.matvec(weight, u, transpose_a=True))
-            u = _normalize(tf.linalg.matvec(weight, v))
-            return i + 1, u, v
+    @property
+    def uses_regularization(self) -> bool:
+        return self.weight_decay_norm > 0 or self.weight_decay_norm_anneal
 
-        _, u, v = tf.while_loop(
-            lambda i, u, v: i < num_iterations, body,
-            (tf.constant(0, tf.int32), u, v))
-        return u, v
 
-    def call(self, matrices, update_state: bool = True):
-        """Returns sum_i sigma(W_i) (float32 scalar) for the list `matrices`.
+class LossResult(NamedTuple):
+    """Loss of one replica's batch and the metrics to log (all float32)."""
 
-        Args:
-          matrices: the 2-D tensors W_i [rows, cols], shapes and order as in
-            `build`.
-          update_state: store the new u, v (and mark the state initialized);
-            False leaves the state untouched (e.g. for logging).
-        """
-        if len(matrices) != self._num_matrices:
-            raise ValueError(f"Expected {self._num_matrices} matrices, "
-                             f"received {len(matrices)}.")
-        initialized = tf.cast(self.initialized, tf.bool)
-        num_iterations = tf.where(
-            initialized, self.num_power_iterations,
-            FIRST_CALL_ITERATION_MULTIPLIER * self.num_power_iterations)
-        total = tf.constant(0.0, tf.float32)
-        for b, indices in enumerate(self._buckets):
-            weight = tf.stack([tf.cast(matrices[i], tf.float32)
-                               for i in indices])  # [n, rows, cols]
-            u0 = tf.convert_to_tensor(self._u[b])  # [n, rows]
-            v0 = tf.convert_to_tensor(self._v[b])  # [n, cols]
-            # Fresh N(0, 1) vectors are normalised once before iterating.
-            u0 = tf.where(initialized, u0, _normalize(u0))
-            v0 = tf.where(initialized, v0, _normalize(v0))
-            u, v = self._power_iterate(
-                tf.stop_gradient(weight), u0, v0, num_iterations)
-            u, v = tf.stop_gradient(u), tf.stop_gradient(v)
-            if update_state:
-                self._u[b].assign(u)
-                self._v[b].assign(v)
-            # sigma_i = u_i^T W_i v_i, gradient u_i v_i^T.
-            total += tf.reduce_sum(u * tf.linalg.matvec(weight, v))
-        if update_state:
-            self.initialized.assign(1)
-        return total
+    loss: tf.Tensor
+    metrics: dict
 
-    def compute_output_shape(self, shapes):
-        return ()
 
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(),
-                "num_power_iterations": self.num_power_iterations,
-                "seed": self.seed}
+def bits_per_dim(nats, num_pixels):
+    """Converts nats per image to bits per dimension."""
+    return nats / (math.log(2.0) * num_pixels)
+
+
+def compute_loss(model, x, step, objective: ObjectiveConfig, training=True,
+                 eps=None, shards=1) -> LossResult:
+    """NVAE training loss on a batch (per replica; not yet scaled).
+
+    Args:
+      model: an `NVAE`.
+      x: images [B, H, W, C] in [0, 1].
+      step: global step (scalar), drives beta and lambda.
+      objective: the `ObjectiveConfig`.
+      training: BN mode and whether the spectral power iteration advances.
+      eps: optional per-group noise (see `NVAE.call`).
+      shards: batch shards of the forward pass (`NVAE.call`; same loss).
+
+    Returns:
+      `LossResult` with the scalar loss and a dict of scalar metrics and the
+      per-group vectors `kl_per_group` [G] and `kl_gamma` [G].
+    """
+    out = model(x, training=training, eps=eps, shards=shards)
+    beta = kl_coeff(step, objective.total_steps,
+                               objective.kl_anneal_portion,
+                               objective.kl_const_portion,
+                               objective.kl_const_coeff)
+    alpha = kl_balancing_alpha(
+        model.config.groups_per_decoder_scale)
+    kl_term, gamma, kl_means = balanced_kl(
+        out.kl_per_group, beta, alpha)
+    loss = tf.reduce_mean(out.recon_loss + kl_term)
+    metrics = {}
+    if objective.uses_regularization:
+        lam = weight_decay_norm_coeff(
+            beta, objective.weight_decay_norm,
+            objective.weight_decay_norm_init,
+            objective.weight_decay_norm_anneal)
+        spectral = model.spectral_regularization(update_state=training)
+        bn_reg = batchnorm_regularization(
+            [bn.gamma for bn in model.batchnorm_layers()])
+        loss = loss + lam * (spectral + bn_reg)
+        metrics.update(spectral_reg=spectral, bn_reg=bn_reg,
+                       weight_decay_norm=lam)
+    kl_total = tf.add_n(out.kl_per_group)
+    active = tf.add_n([
+        tf.reduce_sum(tf.cast(g.kl_per_channel > ACTIVE_UNIT_KL, tf.float32))
+        for g in out.groups])
+    nelbo = tf.reduce_mean(out.nelbo)
+    metrics.update(
+        loss=loss, nelbo=nelbo, recon=tf.reduce_mean(out.recon_loss),
+        kl=tf.reduce_mean(kl_total), kl_coeff=beta, active_units=active,
+        bpd=bits_per_dim(nelbo, model.config.num_pixels),
+        kl_per_group=kl_means, kl_gamma=gamma)
+    return LossResult(loss=loss, metrics=metrics)

@@ -37,7 +37,7 @@ def inference_test_config(head):
     "tiny" is the benchmark's hidden preset (8-bit mixture head, flows, 2
     scales), "binary" a Bernoulli head on MNIST (28x28 padded to 32)."""
     if head == "tiny":
-        from nvae_tf import bench
+        from benchmarks import bench
         return bench.resolve_config("tiny")[0]
     return NVAEConfig(
         dataset="mnist", num_channels_enc=8, num_channels_dec=8,

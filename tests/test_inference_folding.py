@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf import bench
+from benchmarks import bench
 from nvae_tf.config import NVAEConfig
 from nvae_tf.layers import blocks, cells
 from nvae_tf.layers.conv import upsample_nearest

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf import bench, training
+from benchmarks import bench
+
+from nvae_tf import objectives
 from nvae_tf.config import NVAEConfig
 from nvae_tf.model import NVAE
 from tests.conftest import make_tiny_config
@@ -60,10 +62,10 @@ def test_training_loss_is_finite_and_every_variable_gets_a_gradient(
     cfg = model.config
     assert cfg.is_binary == binary
     x = _images((2,) + cfg.data_shape, binary=binary)
-    objective = training.ObjectiveConfig(total_steps=100,
+    objective = objectives.ObjectiveConfig(total_steps=100,
                                          weight_decay_norm=1e-2)
     with tf.GradientTape() as tape:
-        result = training.compute_loss(model, x, 10, objective)
+        result = objectives.compute_loss(model, x, 10, objective)
     grads = tape.gradient(result.loss, model.trainable_variables)
     assert np.isfinite(float(result.loss))
     missing = [v.path for v, g in zip(model.trainable_variables, grads)

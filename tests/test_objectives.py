@@ -1,9 +1,7 @@
-"""Tests of nvae_tf.objectives: hand-worked values, NumPy references."""
+"""Tests of nvae_tf.objectives: hand-worked values, NumPy references, and
+`compute_loss` recomputed by hand from its metrics."""
 
-import os
-import subprocess
-import sys
-import textwrap
+import math
 
 import numpy as np
 import pytest
@@ -11,10 +9,10 @@ import tensorflow as tf
 
 from nvae_tf import objectives
 from nvae_tf.objectives import (
-    SpectralRegularizer, balanced_kl, batchnorm_regularization, kl_coeff,
-    kl_balancing_alpha, weight_decay_norm_coeff)
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    balanced_kl, batchnorm_regularization, kl_coeff, kl_balancing_alpha,
+    ObjectiveConfig, bits_per_dim, compute_loss, weight_decay_norm_coeff)
+from nvae_tf.model import NVAE
+from tests.conftest import make_tiny_config
 
 
 # ---------------------------------------------------------------- kl_coeff
@@ -179,175 +177,187 @@ def test_batchnorm_regularization():
     assert float(batchnorm_regularization([])) == 0.0
 
 
-# ------------------------------------------------------ SpectralRegularizer
+# ------------------------------------------------------------ compute_loss
 
-SHAPES = [(8, 18), (16, 9), (8, 18), (8, 18)]  # a bucket of 3 and one of 1
-
-
-def _matrices(seed=0, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return [rng.normal(size=s).astype(np.float32) for s in shapes]
+BATCH = 2
 
 
-def _np_power_iteration(w, u, v, iterations):
-    """Reference power iteration in float64 for one matrix."""
-    def normalize(x):
-        return x / max(np.linalg.norm(x), 1e-3)
-    u, v = u.astype(np.float64), v.astype(np.float64)
-    for _ in range(iterations):
-        v = normalize(w.T @ u)
-        u = normalize(w @ v)
-    return u, v
+def _built(**overrides):
+    model = NVAE(make_tiny_config(**overrides))
+    model.build()
+    return model
 
 
-def _state(layer, matrix_index):
-    """(u, v) stored for matrix `matrix_index` of SHAPES."""
-    bucket, row = {0: (0, 0), 2: (0, 1), 3: (0, 2), 1: (1, 0)}[matrix_index]
-    return (layer._u[bucket].numpy()[row], layer._v[bucket].numpy()[row])
+@pytest.fixture(scope="module")
+def model():
+    """Tiny RGB model without flows (analytic KL >= 0), groups (2, 2)."""
+    return _built()
 
 
-def _top_singular_value(w):
-    return np.linalg.svd(w, compute_uv=False)[0]
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_spectral_regularizer_first_and_later_calls(compiled):
-    layer = SpectralRegularizer(seed=3)
-    layer.build(SHAPES)
-    assert [tuple(w.shape) for w in layer.non_trainable_weights] == [
-        (3, 8), (3, 18), (1, 16), (1, 9), ()]
-    call = tf.function(layer.__call__) if compiled else layer.__call__
-    mats = _matrices(0)
-    init = [_state(layer, i) for i in range(4)]
-
-    value = call([tf.constant(m) for m in mats])
-    assert int(layer.initialized.numpy()) == 1
-    sigmas = []
-    for i, w in enumerate(mats):
-        u, v = _state(layer, i)
-        u0, v0 = init[i]
-        ref_u, ref_v = _np_power_iteration(
-            w, u0 / np.linalg.norm(u0), v0 / np.linalg.norm(v0), 40)
-        np.testing.assert_allclose(u, ref_u, atol=1e-5)
-        np.testing.assert_allclose(v, ref_v, atol=1e-5)
-        sigmas.append(u @ w @ v)
-        assert sigmas[-1] == pytest.approx(_top_singular_value(w), rel=1e-3)
-    assert float(value) == pytest.approx(sum(sigmas), rel=1e-5)
-
-    # Later call on slightly changed weights: 4 iterations from the state.
-    before = [_state(layer, i) for i in range(4)]
-    mats2 = [w + 0.05 * n for w, n in zip(mats, _matrices(1))]
-    value2 = call([tf.constant(m) for m in mats2])
-    total = 0.0
-    for i, w in enumerate(mats2):
-        u, v = _state(layer, i)
-        assert not np.allclose(u, before[i][0])
-        ref_u, ref_v = _np_power_iteration(w, *before[i], 4)
-        np.testing.assert_allclose(u, ref_u, atol=1e-5)
-        np.testing.assert_allclose(v, ref_v, atol=1e-5)
-        assert u @ w @ v == pytest.approx(_top_singular_value(w), rel=1e-3)
-        total += _top_singular_value(w)
-    assert float(value2) == pytest.approx(total, rel=1e-3)
-
-
-def test_spectral_regularizer_gradient_is_u_v_transpose():
-    layer = SpectralRegularizer(seed=0)
-    mats = [tf.Variable(m) for m in _matrices(2)]
-    with tf.GradientTape() as tape:
-        value = layer(mats)
-    grads = tape.gradient(value, mats)
-    for i, grad in enumerate(grads):
-        u, v = _state(layer, i)
-        np.testing.assert_allclose(grad, np.outer(u, v), atol=1e-6)
-
-
-def test_spectral_regularizer_update_state_false_keeps_state():
-    layer = SpectralRegularizer(seed=0)
-    mats = [tf.constant(m) for m in _matrices(0)]
-    layer(mats)
-    before = [w.numpy().copy() for w in layer.non_trainable_weights]
-    value = layer([m * 2.0 + 1.0 for m in mats], update_state=False)
-    for w, old in zip(layer.non_trainable_weights, before):
-        np.testing.assert_array_equal(w.numpy(), old)
-    assert np.isfinite(float(value))
-
-
-def test_spectral_regularizer_state_variables_are_mean_aggregated():
-    layer = SpectralRegularizer()
-    layer.build(SHAPES)
-    assert not layer.trainable_weights
-    for u, v in zip(layer._u, layer._v):
-        assert u.aggregation == "mean" and v.aggregation == "mean"
-        assert not u.trainable and not v.trainable
-    assert layer.initialized.dtype == "int32"
-
-
-def test_spectral_regularizer_float32_under_mixed_policy():
-    layer = SpectralRegularizer(seed=0)
-    mats = [tf.constant(m, tf.float16) for m in _matrices(0)]
-    value = layer(mats)
-    assert value.dtype == tf.float32
-    expected = sum(_top_singular_value(m.numpy().astype(np.float32))
-                   for m in mats)
-    assert float(value) == pytest.approx(expected, rel=1e-3)
-
-
-def test_spectral_regularizer_config_round_trip_and_errors():
-    layer = SpectralRegularizer(num_power_iterations=2, seed=7, name="sr")
-    clone = SpectralRegularizer.from_config(layer.get_config())
-    assert clone.num_power_iterations == 2 and clone.seed == 7
-    assert clone.name == "sr"
-    assert objectives.FIRST_CALL_ITERATION_MULTIPLIER == 10
-    with pytest.raises(ValueError, match="num_power_iterations"):
-        SpectralRegularizer(num_power_iterations=0)
-    with pytest.raises(ValueError, match="2-D"):
-        SpectralRegularizer().build([(2, 3, 4)])
-    layer.build(SHAPES)
-    with pytest.raises(ValueError, match="Expected 4 matrices"):
-        layer([tf.zeros(s) for s in SHAPES[:2]])
-
-
-_MIRRORED_SCRIPT = textwrap.dedent("""
-    import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from nvae_tf.objectives import SpectralRegularizer
-
-    shapes = [(8, 18), (16, 9), (8, 18)]
+@pytest.fixture(scope="module")
+def batch(model):
     rng = np.random.default_rng(0)
-    mats = [rng.normal(size=s).astype(np.float32) for s in shapes]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    with strategy.scope():
-        layer = SpectralRegularizer(seed=1)
-        layer.build(shapes)
-        weights = [tf.Variable(m) for m in mats]
-
-    @tf.function
-    def step():
-        return strategy.run(lambda: layer([w * 1.0 for w in weights]))
-
-    for _ in range(2):
-        values = strategy.experimental_local_results(step())
-    assert abs(float(values[0]) - float(values[1])) < 1e-6, values
-    for var in layer.non_trainable_weights:
-        copies = [c.numpy() for c in var.value.values]
-        assert len(copies) == 2
-        np.testing.assert_array_equal(copies[0], copies[1])
-    assert int(layer.initialized.numpy()) == 1
-    expected = sum(np.linalg.svd(m, compute_uv=False)[0] for m in mats)
-    assert abs(float(values[0]) - expected) < 1e-3 * expected
-    print("OK")
-""")
+    x = rng.uniform(size=(BATCH, 8, 8, 3)).astype(np.float32)
+    eps = [tf.constant(rng.normal(size=(BATCH,) + s[1:]), tf.float32)
+           for s in model.latent_shapes()]
+    return x, eps
 
 
-def test_spectral_regularizer_state_identical_across_replicas():
-    """Two logical CPUs need a fresh process (set before TF initialises)."""
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "2",
-           "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT],
-                            capture_output=True, text=True, env=env,
-                            timeout=120, cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("OK")
+def _np(metrics):
+    return {k: np.asarray(v, np.float64) for k, v in metrics.items()}
+
+
+def test_balancing_alpha_of_the_tiny_model(model):
+    # Decoder scales (2, 2): alpha = 4^i / n_i = [1/2]*2 + [2]*2, / min.
+    np.testing.assert_array_equal(
+        objectives.kl_balancing_alpha(model.config.groups_per_decoder_scale),
+        [1.0, 1.0, 4.0, 4.0])
+
+
+def test_without_weight_decay_norm_there_is_no_regulariser(model, batch):
+    x, eps = batch
+    result = compute_loss(model, x, 10**6, ObjectiveConfig(total_steps=10),
+                          training=False, eps=eps)
+    for key in ("spectral_reg", "bn_reg", "weight_decay_norm"):
+        assert key not in result.metrics
+    m = _np(result.metrics)
+    # After warm-up (beta = 1): no balancing, the loss is the mean NELBO.
+    assert m["kl_coeff"] == 1.0
+    np.testing.assert_array_equal(m["kl_gamma"], np.ones(4))
+    np.testing.assert_allclose(m["loss"], m["nelbo"], rtol=1e-6)
+    out = model(x, training=False, eps=eps)
+    np.testing.assert_allclose(m["nelbo"], np.mean(out.nelbo), rtol=1e-6)
+    np.testing.assert_allclose(m["recon"], np.mean(out.recon_loss),
+                               rtol=1e-6)
+    np.testing.assert_allclose(m["kl"], np.mean(tf.add_n(out.kl_per_group)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(m["nelbo"], m["recon"] + m["kl"], rtol=1e-5)
+    np.testing.assert_allclose(
+        m["kl_per_group"], [np.mean(k) for k in out.kl_per_group], rtol=1e-5)
+
+
+def test_kl_balancing_during_warm_up(model, batch):
+    x, eps = batch
+    objective = ObjectiveConfig(total_steps=1000)
+    result = compute_loss(model, x, 100, objective, training=False, eps=eps)
+    m = _np(result.metrics)
+    # beta = (100 - 1e-4 * 1000) / (0.3 * 1000).
+    np.testing.assert_allclose(m["kl_coeff"], (100 - 0.1) / 300, rtol=1e-5)
+    # Analytic KL >= 0, so mean |KL| = mean KL: gamma from the metrics.
+    assert np.all(m["kl_per_group"] >= 0)
+    a = (m["kl_per_group"] + 0.01) / np.array([1.0, 1.0, 4.0, 4.0])
+    gamma = a / a.mean()
+    np.testing.assert_allclose(m["kl_gamma"], gamma, rtol=1e-5)
+    assert np.abs(gamma - 1).max() > 1e-2
+    np.testing.assert_allclose(m["kl_gamma"].mean(), 1.0, rtol=1e-6)
+    expected = m["recon"] + m["kl_coeff"] * np.sum(gamma * m["kl_per_group"])
+    np.testing.assert_allclose(m["loss"], expected, rtol=1e-5)
+    assert abs(m["loss"] - m["nelbo"]) > 1.0  # beta << 1 shrinks the KL
+
+
+def test_loss_with_spectral_and_batchnorm_regularisation(batch):
+    model = _built()
+    x, eps = batch
+    assert int(model.spectral_regularizer.initialized) == 0
+    objective = ObjectiveConfig(total_steps=1000, weight_decay_norm=1e-2)
+    result = compute_loss(model, x, 100, objective, training=True, eps=eps)
+    m = _np(result.metrics)
+    assert m["weight_decay_norm"] == pytest.approx(1e-2, rel=1e-6)
+    expected = (m["recon"] +
+                m["kl_coeff"] * np.sum(m["kl_gamma"] * m["kl_per_group"]) +
+                1e-2 * (m["spectral_reg"] + m["bn_reg"]))
+    np.testing.assert_allclose(m["loss"], expected, rtol=1e-5)
+    # BN-reg = sum of max |gamma| = number of BN layers at init: 2 per
+    # res_bnswish cell (down_pre, 4 normal_enc, down_enc) and 4 per
+    # inverted-residual cell (3 normal_dec, up_dec, up_post).
+    bns = model.batchnorm_layers()
+    assert m["bn_reg"] == len(bns) == 2 * 6 + 4 * 5
+    # SR ~ sum of the largest singular values of every effective kernel
+    # (power iteration approaches it from below).
+    sigma = sum(np.linalg.svd(np.asarray(c.spectral_matrix(), np.float64),
+                              compute_uv=False)[0]
+                for c in model.conv_layers())
+    assert 0.95 * sigma <= m["spectral_reg"] <= sigma * (1 + 1e-5)
+    # training=True advanced the persistent power iteration.
+    assert int(model.spectral_regularizer.initialized) == 1
+    # The regulariser's gradient reaches the BN scales and conv gains.
+    gammas = [bn.gamma for bn in bns]
+    with tf.GradientTape() as tape:
+        loss = compute_loss(model, x, 100, objective, training=True,
+                            eps=eps).loss
+    grads = tape.gradient(loss, gammas)
+    assert all(g is not None for g in grads)
+
+
+def test_weight_decay_norm_anneal(model, batch):
+    x, eps = batch
+    objective = ObjectiveConfig(total_steps=1000, weight_decay_norm=1e-2,
+                                weight_decay_norm_init=1.0,
+                                weight_decay_norm_anneal=True)
+    m = _np(compute_loss(model, x, 100, objective, training=False,
+                         eps=eps).metrics)
+    beta = m["kl_coeff"]
+    expected = math.exp((1 - beta) * math.log(1.0) +
+                        beta * math.log(1e-2))
+    np.testing.assert_allclose(m["weight_decay_norm"], expected, rtol=1e-5)
+    assert 1e-2 < m["weight_decay_norm"] < 1.0
+
+
+def test_bits_per_dim(model, batch):
+    assert bits_per_dim(100.0, 784) == pytest.approx(
+        100.0 / (math.log(2.0) * 784), rel=1e-12)
+    assert bits_per_dim(math.log(2.0) * 3072, 3072) == pytest.approx(1.0)
+    x, eps = batch
+    m = _np(compute_loss(model, x, 0, ObjectiveConfig(), training=False,
+                         eps=eps).metrics)
+    np.testing.assert_allclose(m["bpd"],
+                               m["nelbo"] / (math.log(2.0) * 8 * 8 * 3),
+                               rtol=1e-6)
+
+
+def test_active_units(model, batch):
+    x, eps = batch
+    m = _np(compute_loss(model, x, 0, ObjectiveConfig(), training=False,
+                         eps=eps).metrics)
+    out = model(x, training=False, eps=eps)
+    per_channel = np.concatenate([np.asarray(g.kl_per_channel)
+                                  for g in out.groups])
+    assert per_channel.shape == (4 * 3,)
+    assert m["active_units"] == np.sum(per_channel > 0.1)
+
+
+def test_compute_loss_in_tf_function_matches_eager(model, batch, regime):
+    x, eps = batch
+    objective = ObjectiveConfig(total_steps=1000)
+
+    def loss_fn(x, step):
+        result = compute_loss(model, x, step, objective, training=False,
+                              eps=eps)
+        return result.loss, result.metrics["kl_gamma"]
+
+    eager_loss, eager_gamma = loss_fn(tf.constant(x), tf.constant(50))
+    loss, gamma = regime(loss_fn, tf.constant(x), tf.constant(50))
+    np.testing.assert_allclose(loss, eager_loss, rtol=1e-5)
+    np.testing.assert_allclose(gamma, eager_gamma, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(total_steps=0), "total_steps=0"),
+    (dict(kl_anneal_portion=1.5), "kl_anneal_portion=1.5"),
+    (dict(kl_anneal_portion=0.0), "kl_anneal_portion=0"),
+    (dict(kl_const_portion=-0.1), "kl_const_portion=-0.1"),
+    (dict(kl_const_coeff=2.0), "kl_const_coeff=2.0"),
+    (dict(weight_decay_norm=-1e-2), "weight_decay_norm=-0.01"),
+    (dict(weight_decay_norm_anneal=True), "weight_decay_norm_anneal"),
+    (dict(weight_decay_norm_anneal=True, weight_decay_norm=1e-2,
+          weight_decay_norm_init=0.0), "weight_decay_norm_init > 0"),
+])
+def test_objective_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ObjectiveConfig(**kwargs)
+
+
+def test_objective_config_regularisation_switch():
+    assert not ObjectiveConfig().uses_regularization
+    assert ObjectiveConfig(weight_decay_norm=1e-2).uses_regularization
+    assert objectives.ACTIVE_UNIT_KL == 0.1

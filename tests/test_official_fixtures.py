@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf import convert, objectives
+from nvae_tf import objectives
+
+from nvae_tf.interop import convert
 
 FIXTURE_DIR = os.environ.get(
     "NVAE_FIXTURE_DIR",

@@ -166,7 +166,7 @@ def test_trial_flags_round_trip_through_the_trainer_flags():
     import keras_tuner as kt
     from absl import flags
 
-    from nvae_tf import flags as nvae_flags
+    from nvae_tf.training import flags as nvae_flags
     from nvae_tf.config import NVAEConfig
     from tuning import space as space_lib
 

@@ -25,7 +25,7 @@ import os
 import keras_tuner as kt
 from absl import app, flags, logging
 
-from nvae_tf import flags as nvae_flags
+from nvae_tf.training import flags as nvae_flags
 from tuning import space as space_lib
 from tuning import tuner as tuner_lib
 

@@ -20,7 +20,7 @@ from absl import logging
 from nvae_tf.config import NVAEConfig
 from tuning import space as space_lib
 
-EVAL_HISTORY_FILE = "eval_history.jsonl"  # written by nvae_tf.trainer
+EVAL_HISTORY_FILE = "eval_history.jsonl"  # written by nvae_tf.training.trainer
 TRIAL_INFO_FILE = "trial_info.json"
 OUTPUT_TAIL_LINES = 40  # lines of a failed trainer's output to report
 
@@ -133,7 +133,7 @@ class NVAETuner(kt.Tuner):
         """Trial checkpoints are the trainer's own (in the trial dir)."""
 
     def load_model(self, trial):
-        from nvae_tf import checkpoints  # noqa: E501 pylint: disable=import-outside-toplevel
+        from nvae_tf.training import checkpoints  # noqa: E501 pylint: disable=import-outside-toplevel
         return checkpoints.load_model_dir(self.trial_dir(trial.trial_id))
 
 

@@ -8,7 +8,7 @@ import math
 import keras
 import tensorflow as tf
 
-from nvae_tf.batch_shards import apply, each, shared_across_shards
+from nvae_tf.fast.inference_shards import apply, each, shared_across_shards
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
 from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.tracking import CheckpointableCollections

@@ -10,7 +10,7 @@ import re
 
 import keras
 
-from nvae_tf.batch_shards import apply, each
+from nvae_tf.fast.inference_shards import apply, each
 from nvae_tf.config import ARCH_INSTANCES
 from nvae_tf.layers.blocks import (FactorizedReduce, InvertedResidual,
                                    SqueezeExcite, UpsampleSkip)

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.batch_shards import apply, each, shared_across_shards
+from nvae_tf.fast.inference_shards import apply, each, shared_across_shards
 from nvae_tf.layers.norm import BatchNorm
 
 WEIGHT_NORM_EPS = 1e-5  # added to ||v|| in the denominator

@@ -11,7 +11,7 @@ replicas of a `tf.distribute` strategy.
 import keras
 import tensorflow as tf
 
-from nvae_tf.batch_shards import Parts, shared_across_shards
+from nvae_tf.fast.inference_shards import Parts, shared_across_shards
 
 BN_MOMENTUM = 0.95  # Keras convention; PyTorch/NVAE momentum 0.05.
 BN_EPSILON = 1e-5

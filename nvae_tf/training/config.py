@@ -1,0 +1,257 @@
+"""Trainer and runtime settings of `python -m nvae_tf.train`.
+
+`TrainConfig` holds what changes the optimisation (schedule lengths, batch,
+checkpoint and logging cadence, NaN recovery); `RuntimeConfig` holds where
+and on what the run executes (model directory, tf.distribute strategy,
+precision). Both are built by `nvae_tf.training.flags.from_flags` and saved in
+`MODEL_DIR/config.json` next to the model's `NVAEConfig`, the `DataConfig`
+and the `ObjectiveConfig` (sections `train`, `runtime`, `model`, `data`,
+`objective`).
+
+Step arithmetic (spec section 6.2 and pitfall 24): one step consumes one
+global batch (`batch_size` images over all replicas), and every schedule is
+counted in these steps. With P = batches per pass over the training split
+(`DataInfo.steps_per_epoch`):
+
+    steps_per_epoch = TrainConfig.steps_per_epoch or P
+    total_steps     = max_steps or epochs * steps_per_epoch
+    schedule_epochs = ceil(total_steps / steps_per_epoch)
+
+`total_steps` drives the KL warm-up and the lambda anneal; the learning rate
+warms up over `warmup_epochs * steps_per_epoch` steps and then follows the
+per-epoch cosine over `schedule_epochs` epochs, so a run shortened by
+`max_steps` still ends at `learning_rate_min`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from nvae_tf.fast.graph_options import GRAPPLER
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
+MIXED_PRECISION = ("none", "bfloat16", "float16")
+# Official evaluation cadence (spec section 6.5): every epoch for runs of at
+# most 50 epochs, otherwise every 20 epochs (and always at the end).
+OFFICIAL_EVAL_EPOCHS_THRESHOLD = 50
+OFFICIAL_EVAL_EVERY_LONG_RUNS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run.
+
+    Attributes:
+      batch_size: GLOBAL batch, images per step over all replicas and
+        workers (official `--batch_size` is per GPU: multiply it by the
+        number of GPUs).
+      epochs: training epochs (official `--epochs`).
+      warmup_epochs: epochs of linear LR warm-up from 0.
+      learning_rate: peak learning rate of Adamax.
+      learning_rate_min: final learning rate of the cosine decay.
+      weight_decay: coupled L2 coefficient inside Adamax.
+      steps_per_epoch: steps per epoch; 0 means one pass over the training
+        split. A smaller value makes short "epochs" (evaluation, LR cosine
+        and progress bar follow it; the data keep streaming).
+      max_steps: if > 0, the run lasts this many steps instead of
+        `epochs * steps_per_epoch` (schedules are compressed to it).
+      seed: seed of the weights' initialisation, the data order, the data
+        augmentation and the latent noise (official `--seed`).
+      checkpoint_every_steps: save a checkpoint every this many steps;
+        0 saves at the end of every epoch. Always also at step 0, after
+        the last step, and kept atomically.
+      keep_checkpoints: most recent checkpoints kept on disk.
+      summary_every_steps: TensorBoard scalars and images every this many
+        steps.
+      eval_every_epochs: test-split NELBO every this many epochs; 0 uses
+        the official cadence (1 if epochs <= 50, else 20). Always at the end.
+      num_summary_images: samples per temperature and reconstructions in
+        the TensorBoard image summaries.
+      nan_patience: consecutive non-finite steps (skipped) after which the
+        last checkpoint is restored and the learning rate lowered.
+      nan_lr_factor: factor in (0, 1) applied to the learning rate at every
+        recovery (persisted in the checkpoint).
+      max_nan_recoveries: give up (raise) after this many recoveries.
+      debug_inject_nan_at_step: test hook; if >= 0 the loss is made NaN at
+        steps [N, N + nan_patience) until the first recovery.
+      export: write a SavedModel at the end of training, to
+        `<export_dir_base>/<export_name>/<step>` (TF Serving's layout).
+      export_dir_base: folder of the exported models (relative paths are
+        relative to the working directory: the repository's
+        `saved_models/`).
+      export_name: the model's serving name; empty: the model directory's
+        base name.
+    """
+
+    batch_size: int = 200
+    epochs: int = 200
+    warmup_epochs: int = 5
+    learning_rate: float = 1e-2
+    learning_rate_min: float = 1e-4
+    weight_decay: float = 3e-4
+    steps_per_epoch: int = 0
+    max_steps: int = 0
+    seed: int = 1
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 5
+    summary_every_steps: int = 100
+    eval_every_epochs: int = 0
+    num_summary_images: int = 16
+    nan_patience: int = 10
+    nan_lr_factor: float = 0.5
+    max_nan_recoveries: int = 5
+    debug_inject_nan_at_step: int = -1
+    export: bool = True
+    export_dir_base: str = "saved_models"
+    export_name: str = ""
+
+    def __post_init__(self):
+        def fail(field, expected):
+            raise ValueError(f"--{field}={getattr(self, field)!r} is "
+                             f"invalid: expected {expected}.")
+
+        for name, low in (("batch_size", 1), ("epochs", 1),
+                          ("warmup_epochs", 0), ("steps_per_epoch", 0),
+                          ("max_steps", 0), ("seed", 0),
+                          ("checkpoint_every_steps", 0),
+                          ("keep_checkpoints", 1),
+                          ("summary_every_steps", 1),
+                          ("eval_every_epochs", 0),
+                          ("num_summary_images", 1), ("nan_patience", 1),
+                          ("max_nan_recoveries", 0),
+                          ("debug_inject_nan_at_step", -1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or value < low:
+                fail(name, f"an integer >= {low}")
+        for name in ("learning_rate", "learning_rate_min", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                fail(name, "a finite number >= 0")
+        if self.learning_rate == 0:
+            fail("learning_rate", "> 0")
+        if self.learning_rate_min > self.learning_rate:
+            fail("learning_rate_min",
+                 f"<= --learning_rate ({self.learning_rate})")
+        if self.warmup_epochs >= self.epochs and self.max_steps == 0:
+            fail("warmup_epochs", f"< --epochs ({self.epochs}); the "
+                 "official schedule needs at least one epoch after warm-up")
+        if not 0.0 < self.nan_lr_factor < 1.0:
+            fail("nan_lr_factor", "a factor in (0, 1)")
+        if "/" in self.export_name:
+            fail("export_name", "a folder name without '/'")
+
+    def steps_per_epoch_resolved(self, batches_per_pass: int) -> int:
+        """Steps of one epoch, given the batches of one training pass."""
+        return self.steps_per_epoch or batches_per_pass
+
+    def total_steps(self, batches_per_pass: int) -> int:
+        """Steps of the whole run (drives KL warm-up and lambda anneal)."""
+        if self.max_steps:
+            return self.max_steps
+        return self.epochs * self.steps_per_epoch_resolved(batches_per_pass)
+
+    def schedule_epochs(self, batches_per_pass: int) -> int:
+        """Epochs of the LR cosine: `ceil(total_steps / steps_per_epoch)`."""
+        per_epoch = self.steps_per_epoch_resolved(batches_per_pass)
+        return max(1, math.ceil(self.total_steps(batches_per_pass) /
+                                per_epoch))
+
+    def eval_every_epochs_resolved(self) -> int:
+        if self.eval_every_epochs:
+            return self.eval_every_epochs
+        if self.epochs <= OFFICIAL_EVAL_EPOCHS_THRESHOLD:
+            return 1
+        return OFFICIAL_EVAL_EVERY_LONG_RUNS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and on what hardware a run executes.
+
+    Attributes:
+      model_dir: run directory: config.json, checkpoints/, TensorBoard
+        events (train/, eval/), eval_history.jsonl. Rerunning a command on the
+        same directory resumes it.
+      strategy: `auto` (multi_worker if TF_CONFIG names several tasks,
+        mirrored over the local GPUs or logical CPUs if there are several,
+        else one_device), `mirrored`, `multi_worker` or `one_device`.
+      mixed_precision: `none` (float32), `bfloat16` or `float16` (with a
+        dynamic loss scale, as the official GradScaler).
+      jit_compile: compile the per-replica step with XLA (one replica only;
+        slower on CPU).
+      num_cpu_devices: if > 1, split the host CPU into this many logical
+        devices (to run MirroredStrategy on a CPU-only machine).
+      grappler: Grappler passes of the step functions, a key of
+        `graph_options.GRAPPLER`: `lean` (without the memory optimiser,
+        TFG, layout, loop and implementation-selector passes; faster first
+        step, less memory) or `default` (TensorFlow's).
+      require_checkpoint: fail if `model_dir` holds no checkpoint to resume
+        (official `--cont_training`).
+      train_shards: batch shards of each replica's step (`batch_shards`):
+        the batch runs as this many parts on one single-threaded chain of
+        ops each, batch norm combining their statistics (the same step,
+        ~10% faster on a 2-core CPU, at more memory and a longer first
+        step); the evaluation batches run sharded too. 0: one per CPU core
+        on a CPU-only machine with one replica, else 1; 1 (default):
+        unsharded, TensorFlow's threads.
+    """
+
+    model_dir: str = "/tmp/nasvae/expr/eval-exp"
+    strategy: str = "auto"
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    num_cpu_devices: int = 0
+    grappler: str = "lean"
+    require_checkpoint: bool = False
+    train_shards: int = 1
+
+    def __post_init__(self):
+        if not self.model_dir:
+            raise ValueError("--model_dir is empty: expected a directory.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy={self.strategy!r} is invalid: "
+                             f"expected one of {', '.join(STRATEGIES)}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"--mixed_precision={self.mixed_precision!r} is invalid: "
+                f"expected one of {', '.join(MIXED_PRECISION)}.")
+        if self.grappler not in GRAPPLER:
+            raise ValueError(f"--grappler={self.grappler!r} is invalid: "
+                             f"expected one of {', '.join(GRAPPLER)}.")
+        if not isinstance(self.num_cpu_devices, int) or \
+                self.num_cpu_devices < 0:
+            raise ValueError(f"--num_cpu_devices={self.num_cpu_devices!r} "
+                             "is invalid: expected an integer >= 0.")
+        if not isinstance(self.train_shards, int) or self.train_shards < 0:
+            raise ValueError(f"--train_shards={self.train_shards!r} is "
+                             "invalid: expected an integer >= 0 (0: one per "
+                             "CPU core).")
+        if self.train_shards > 1 and self.num_cpu_devices > 1:
+            raise ValueError(
+                f"--train_shards={self.train_shards} with --num_cpu_devices="
+                f"{self.num_cpu_devices}: both split the CPU; use one of "
+                "them.")
+        if self.strategy == "one_device" and self.num_cpu_devices > 1:
+            raise ValueError(
+                f"--num_cpu_devices={self.num_cpu_devices} with "
+                "--strategy=one_device: the extra devices would be unused; "
+                "use --strategy=mirrored (or auto).")
+        if self.jit_compile and self.strategy in ("mirrored", "multi_worker"):
+            raise ValueError(
+                f"--jit_compile with --strategy={self.strategy}: XLA "
+                "compilation is supported with one replica only (Keras "
+                "3/TF 2.21 fail on mirrored resources, keras#19005).")
+
+    @property
+    def keras_dtype_policy(self) -> str:
+        return {"none": "float32", "bfloat16": "mixed_bfloat16",
+                "float16": "mixed_float16"}[self.mixed_precision]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

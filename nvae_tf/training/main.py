@@ -1,0 +1,229 @@
+r"""Trains NVAE (Vahdat & Kautz, NeurIPS 2020) with the official recipe.
+
+    python -m nvae_tf.train --flagfile=configs/quickstart.cfg [--flag=value]
+
+Parses and validates the flags (`nvae_tf.training.flags`), builds the tf.distribute
+strategy, opens the data, saves the resolved config to MODEL_DIR/config.json
+(or checks it against the saved one when resuming), trains with
+`nvae_tf.training.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
+evaluates the test split and exports a SavedModel to
+saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
+resumes from the latest checkpoint. This file is intentionally kept short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl import logging
+
+from nvae_tf.fast import inference_shards as batch_shards
+from nvae_tf.training import checkpoints
+from nvae_tf import data as data_lib
+from nvae_tf.training import flags as nvae_flags
+from nvae_tf.training import trainer as trainer_lib
+from nvae_tf.model import NVAE
+
+FLAGS = flags.FLAGS
+
+
+def _cluster_size() -> int:
+    """Tasks in TF_CONFIG's cluster (0 without TF_CONFIG)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get(
+            "cluster", {})
+    except json.JSONDecodeError as err:
+        raise nvae_flags.FlagError(f"TF_CONFIG is not valid JSON: {err}")
+    return sum(len(tasks) for tasks in cluster.values())
+
+
+def resolve_train_shards(runtime):
+    """`runtime` with `train_shards` resolved; sets the threads they need.
+
+    `train_shards=0` means one shard per CPU core on a CPU-only machine
+    running one replica, else 1. Must run before any other TensorFlow op.
+    """
+    shards = runtime.train_shards
+    if shards == batch_shards.AUTO:
+        several = (tf.config.list_physical_devices("GPU") or
+                   runtime.num_cpu_devices > 1 or _cluster_size() > 1)
+        shards = 1 if several else batch_shards.default_shards()
+    batch_shards.configure_shard_threads(shards)
+    logging.info("Training shards: %d.", shards)
+    return dataclasses.replace(runtime, train_shards=shards)
+
+
+def make_strategy(runtime):
+    """The `tf.distribute.Strategy` named by `runtime.strategy`.
+
+    Must run before any other TensorFlow op (multi-worker collectives and
+    logical devices are configured at program start).
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if runtime.num_cpu_devices > 1:
+        if gpus:
+            raise nvae_flags.FlagError(
+                "--num_cpu_devices is for CPU-only machines; this one has "
+                f"{len(gpus)} GPU(s).")
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] *
+            runtime.num_cpu_devices)
+    kind = runtime.strategy
+    if kind == "auto":
+        if _cluster_size() > 1:
+            kind = "multi_worker"
+        elif len(gpus) > 1 or runtime.num_cpu_devices > 1:
+            kind = "mirrored"
+        else:
+            kind = "one_device"
+    if kind == "multi_worker":
+        if _cluster_size() < 1:
+            raise nvae_flags.FlagError(
+                "--strategy=multi_worker needs TF_CONFIG describing the "
+                "cluster (see README, multi-worker training).")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    elif kind == "mirrored":
+        devices = None if gpus else [
+            d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.OneDeviceStrategy(
+            "/gpu:0" if gpus else "/cpu:0")
+    if runtime.jit_compile and strategy.num_replicas_in_sync > 1:
+        raise nvae_flags.FlagError(
+            f"--jit_compile with {strategy.num_replicas_in_sync} replicas: "
+            "XLA compilation is supported with one replica only.")
+    logging.info("Strategy %s with %d replica(s).", type(strategy).__name__,
+                 strategy.num_replicas_in_sync)
+    return strategy
+
+
+def check_resume_compatible(model_dir, model_config) -> None:
+    """Refuses to resume a model directory with another architecture."""
+    if not os.path.exists(checkpoints.config_path(model_dir)):
+        return
+    saved, _ = checkpoints.read_config(model_dir)
+    old, new = saved.to_dict(), model_config.to_dict()
+    diff = [f"--{k}: saved {old[k]!r}, flags {new[k]!r}"
+            for k in sorted(new) if old.get(k) != new[k]]
+    if diff:
+        raise nvae_flags.FlagError(
+            f"--model_dir={model_dir} holds a model with a different "
+            "architecture and cannot be resumed with these flags:\n  " +
+            "\n  ".join(diff) + "\nUse a new --model_dir or the saved "
+            "values (see its config.json).")
+
+
+def export_model(trainer, step: int) -> str | None:
+    """Writes EXPORT_DIR_BASE/<name>/<step> (chief only)."""
+    try:  # pylint: disable-next=import-outside-toplevel
+        from nvae_tf.serving import export as export_lib
+    except ImportError as err:
+        logging.warning("SavedModel export skipped: nvae_tf.export is not "
+                        "available (%s).", err)
+        return None
+    model_dir = trainer.model_dir
+    name = trainer.train.export_name or os.path.basename(
+        os.path.normpath(model_dir))
+    export_dir = os.path.join(trainer.train.export_dir_base, name, str(step))
+    if os.path.exists(export_dir):
+        logging.info("SavedModel %s exists already.", export_dir)
+        return export_dir
+    # A float32 copy outside the distribution strategy is what TF Serving
+    # runs; the trained model's variables may be mirrored or mixed.
+    keras.config.set_dtype_policy("float32")
+    copy = NVAE(trainer.model_config, seed=trainer.train.seed)
+    copy.build()
+    copy.set_weights(trainer.model.get_weights())
+    export_lib.export_saved_model(
+        copy, export_dir, model_dir=model_dir,
+        checkpoint_id=trainer.manager.latest_checkpoint)
+    return export_dir
+
+
+def build_trainer(model_config, data_config, objective, train, runtime,
+                  strategy):
+    """Checks the run against the data, the strategy and the model
+    directory, then builds the `Trainer` (model, optimizer, state).
+
+    Returns:
+      (trainer, DataInfo).
+    """
+    keras.utils.set_random_seed(train.seed)
+    keras.config.set_dtype_policy(runtime.keras_dtype_policy)
+    replicas = strategy.num_replicas_in_sync
+    if train.batch_size % replicas:
+        raise nvae_flags.FlagError(
+            f"--batch_size={train.batch_size} is not divisible by the "
+            f"{replicas} replicas of the strategy.")
+    _, _, info = data_lib.make_datasets(data_config)  # fails fast if absent
+    length = trainer_lib.RunLength(
+        batches_per_pass=info.steps_per_epoch,
+        steps_per_epoch=train.steps_per_epoch_resolved(info.steps_per_epoch),
+        total_steps=train.total_steps(info.steps_per_epoch),
+        schedule_epochs=train.schedule_epochs(info.steps_per_epoch))
+    objective = dataclasses.replace(objective,
+                                    total_steps=length.total_steps)
+    check_resume_compatible(runtime.model_dir, model_config)
+    trainer = trainer_lib.Trainer(model_config, data_config, objective, train,
+                                  runtime, strategy, length)
+    return trainer, info
+
+
+def run(model_config, data_config, objective, train, runtime, strategy):
+    """Trains (or resumes) and returns the final evaluation dict."""
+    trainer, info = build_trainer(model_config, data_config, objective,
+                                  train, runtime, strategy)
+    if trainer.is_chief:
+        checkpoints.write_config(runtime.model_dir, {
+            "model": model_config.to_dict(),
+            "data": dataclasses.asdict(data_config),
+            "objective": dataclasses.asdict(trainer.objective),
+            "train": train.to_dict(), "runtime": runtime.to_dict(),
+            "run": {**dataclasses.asdict(trainer.length),
+                    "replicas": strategy.num_replicas_in_sync,
+                    "num_train": info.num_train, "num_eval": info.num_eval}})
+    logging.info("%s: %d training images, %d steps of %d images (%d per "
+                 "epoch, %d epochs), %s parameters.", data_config.dataset,
+                 info.num_train, trainer.length.total_steps,
+                 train.batch_size, trainer.length.steps_per_epoch,
+                 trainer.length.num_epochs,
+                 f"{trainer.model.count_params():,}")
+    result = trainer.fit()
+    if train.export and trainer.is_chief:
+        result["export_dir"] = export_model(trainer, result["step"])
+    logging.info("Test NELBO %.3f nats, %.4f bits/dim (%s test split, %d "
+                 "images, one posterior sample each, step %d).",
+                 result["nelbo"], result["bpd"], data_config.dataset,
+                 result["num_images"], result["step"])
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        *configs, runtime = nvae_flags.from_flags(FLAGS)
+        runtime = resolve_train_shards(runtime)
+        strategy = make_strategy(runtime)
+        run(*configs, runtime, strategy)
+    except nvae_flags.FlagError as err:
+        raise app.UsageError(str(err)) from err
+
+
+def cli():
+    """Entry point of `python -m nvae_tf.train`."""
+    nvae_flags.define_flags()
+    flags.adopt_module_key_flags(nvae_flags)  # listed by --help
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

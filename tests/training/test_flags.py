@@ -1,0 +1,188 @@
+"""Flags of `python -m nvae_tf.train`: official names and defaults, presets,
+and validation errors that name the flag before any work starts."""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+
+from nvae_tf.training import flags as nvae_flags
+from nvae_tf.training.config import RuntimeConfig, TrainConfig
+from tests.training import helpers as train_helpers
+
+CONFIG_DIR = os.path.join(train_helpers.REPO, "configs")
+
+# Spec section 6.4: every official train.py flag and its default. `--data`
+# is an alias of `--data_dir` (default: the dataset's own location).
+OFFICIAL_DEFAULTS = {
+    "root": "/tmp/nasvae/expr", "save": "exp", "dataset": "mnist",
+    "batch_size": 200, "learning_rate": 1e-2, "learning_rate_min": 1e-4,
+    "weight_decay": 3e-4, "weight_decay_norm": 0.0,
+    "weight_decay_norm_init": 10.0, "weight_decay_norm_anneal": False,
+    "epochs": 200, "warmup_epochs": 5, "fast_adamax": False,
+    "arch_instance": "res_mbconv", "kl_anneal_portion": 0.3,
+    "kl_const_portion": 1e-4, "kl_const_coeff": 1e-4, "num_nf": 0,
+    "num_x_bits": 8, "num_latent_scales": 1, "num_groups_per_scale": 10,
+    "num_latent_per_group": 20, "ada_groups": False,
+    "min_groups_per_scale": 1, "num_channels_enc": 32,
+    "num_preprocess_blocks": 2, "num_preprocess_cells": 3,
+    "num_cell_per_cond_enc": 1, "num_channels_dec": 32,
+    "num_postprocess_blocks": 2, "num_postprocess_cells": 3,
+    "num_cell_per_cond_dec": 1, "num_mixture_dec": 10, "use_se": False,
+    "res_dist": False, "cont_training": False, "num_proc_node": 1,
+    "node_rank": 0, "local_rank": 0, "global_rank": 0,
+    "num_process_per_node": 1, "master_address": "127.0.0.1", "seed": 1,
+}
+
+
+def parse(*argv):
+    fv = flags.FlagValues()
+    nvae_flags.define_flags(fv)
+    fv(["train", *argv])
+    return fv
+
+
+def configs_from(*argv):
+    return nvae_flags.from_flags(parse(*argv))
+
+
+def test_every_official_flag_keeps_its_name_and_default():
+    fv = parse()
+    assert len(OFFICIAL_DEFAULTS) + 1 == 44  # + --data
+    for name, default in OFFICIAL_DEFAULTS.items():
+        assert fv[name].default == default, name
+    fv = parse("--data=/some/folder")
+    assert fv.data_dir == "/some/folder"
+
+
+def test_defaults_resolve_to_the_official_configuration():
+    model, data, objective, train, runtime = configs_from()
+    assert (model.dataset, model.num_channels_enc, model.num_x_bits) == (
+        "mnist", 32, 8)
+    assert model.is_binary and data.is_binary
+    assert (data.batch_size, data.seed) == (200, 1)
+    assert train == TrainConfig()
+    assert objective.kl_anneal_portion == 0.3
+    assert runtime.model_dir == "/tmp/nasvae/expr/eval-exp"
+    assert runtime == RuntimeConfig()
+
+
+def test_model_dir_defaults_to_root_and_save():
+    *_, runtime = configs_from("--root=/r", "--save=run7")
+    assert runtime.model_dir == "/r/eval-run7"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(
+    CONFIG_DIR, "*.cfg"))), ids=os.path.basename)
+def test_every_preset_parses_and_validates(path):
+    model, data, _, train, runtime = configs_from(f"--flagfile={path}")
+    assert data.batch_size == train.batch_size
+    assert runtime.model_dir.startswith("runs/")
+
+
+def test_quickstart_preset_uses_the_embedded_data():
+    model, data, *_ = configs_from(
+        f"--flagfile={CONFIG_DIR}/quickstart.cfg")
+    assert model.dataset == data.dataset == "fashion_mnist"
+    assert model.output_distribution == "logistic_mixture"
+
+
+def test_readme_presets_reproduce_the_official_global_batches():
+    expected = {"mnist": 400, "cifar10": 256, "celeba64": 128,
+                "imagenet32": 576, "celebahq256": 96, "ffhq256": 96}
+    for name, batch in expected.items():
+        *_, train, _ = configs_from(f"--flagfile={CONFIG_DIR}/{name}.cfg")
+        assert train.batch_size == batch, name
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--epochs=0"], "--epochs"),
+    (["--batch_size=0"], "--batch_size"),
+    (["--learning_rate=-1"], "--learning_rate"),
+    (["--learning_rate_min=0.1"], "--learning_rate_min"),
+    (["--epochs=5", "--warmup_epochs=5"], "--warmup_epochs"),
+    (["--nan_lr_factor=1.5"], "--nan_lr_factor"),
+    (["--nan_patience=0"], "--nan_patience"),
+    (["--keep_checkpoints=0"], "--keep_checkpoints"),
+    (["--summary_every_steps=0"], "--summary_every_steps"),
+    (["--max_steps=-3"], "--max_steps"),
+    (["--export_name=a/b"], "--export_name"),
+    (["--num_x_bits=9"], "--num_x_bits"),
+    (["--num_channels_enc=0"], "--num_channels_enc"),
+    (["--num_postprocess_blocks=1"], "--num_postprocess_blocks"),
+    (["--ada_groups", "--min_groups_per_scale=20"], "--min_groups_per_scale"),
+    (["--kl_anneal_portion=0"], "--kl_anneal_portion"),
+    (["--kl_const_coeff=2"], "--kl_const_coeff"),
+    (["--weight_decay_norm=-1"], "--weight_decay_norm"),
+    (["--weight_decay_norm_anneal"], "--weight_decay_norm"),
+    (["--num_process_per_node=8"], "--num_process_per_node"),
+    (["--num_proc_node=3"], "--num_proc_node"),
+    (["--local_rank=1"], "--local_rank"),
+    (["--dataset=ffhq"], "--dataset"),
+    (["--dataset=image_folder", "--image_size=64", "--image_channels=3"],
+     "--data_dir"),
+    (["--dataset=image_folder", "--data_dir=/x", "--image_channels=3"],
+     "--image_size"),
+    (["--image_size=64"], "--image_size"),
+    (["--image_channels=2"], "--image_channels"),
+    (["--dataset=fashion_mnist", "--binary=true", "--num_x_bits=5"],
+     "--num_x_bits"),
+    (["--shuffle_buffer=0"], "--shuffle_buffer"),
+    (["--strategy=mirrored", "--jit_compile"], "--jit_compile"),
+    (["--strategy=one_device", "--num_cpu_devices=2"], "--num_cpu_devices"),
+    (["--num_cpu_devices=-1"], "--num_cpu_devices"),
+    (["--train_shards=-1"], "--train_shards"),
+    (["--train_shards=2", "--num_cpu_devices=2"], "--train_shards"),
+])
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(nvae_flags.FlagError) as err:
+        configs_from(*argv)
+    assert flag in str(err.value)
+
+
+def test_official_multi_gpu_flags_explain_the_global_batch():
+    with pytest.raises(nvae_flags.FlagError,
+                       match=r"--batch_size=256 \(per-GPU 32 x 8 GPUs\)"):
+        configs_from("--num_process_per_node=8", "--batch_size=32")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--strategy=bogus"], "strategy"),
+    (["--mixed_precision=fp8"], "mixed_precision"),
+    (["--grappler=fast"], "grappler"),
+    (["--batch_size=abc"], "batch_size"),
+    (["--dataset=svhn"], "dataset"),
+])
+def test_unparsable_values_name_the_flag(argv, flag):
+    with pytest.raises(flags.IllegalFlagValueError, match=flag):
+        parse(*argv)
+
+
+def test_cli_fails_fast_naming_the_flag(tmp_path):
+    model_dir = tmp_path / "run"
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_tf.train", "--dataset=fashion_mnist",
+         f"--model_dir={model_dir}", "--epochs=3", "--warmup_epochs=3"],
+        cwd=train_helpers.REPO, env=train_helpers.subprocess_env(),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--warmup_epochs=3 is invalid" in proc.stderr
+    assert not model_dir.exists()  # nothing was written
+    assert time.time() - start < 60
+
+
+def test_grappler_flag_reaches_the_runtime_config():
+    assert configs_from()[-1].grappler == "lean"
+    assert configs_from("--grappler=default")[-1].grappler == "default"
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match=r"--grappler=fast: value should be one of "
+                             r"<default\|lean>"):
+        parse("--grappler=fast")
+    with pytest.raises(ValueError, match=r"--grappler='fast' is invalid: "
+                       r"expected one of default, lean"):
+        RuntimeConfig(grappler="fast")
