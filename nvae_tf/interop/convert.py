@@ -3,20 +3,31 @@
 `load_official_checkpoint(path)` reads a `checkpoint.pt` written by the
 official `train.py` (without needing PyTorch), builds the matching
 `NVAEConfig` from its `args`, and copies every state_dict entry onto the
-model's variables (NCHW -> NHWC, OIHW -> HWIO, spec section 9). Every entry is
-either mapped or reported: missing, unexpected or mis-shaped entries raise.
+model's variables (NCHW -> NHWC activations, OIHW -> HWIO kernels). Every
+entry is either mapped or reported: missing, unexpected or mis-shaped entries
+raise.
 
 CLI: python -m nvae_tf.convert --checkpoint=checkpoint.pt --model_dir=DIR
+writes a model directory that `nvae_tf.train` (resume), `nvae_tf.evaluate`
+and `nvae_tf.export` read. It never replaces a run: a model_dir that holds a
+config or checkpoints is refused unless `--overwrite`, which moves the old
+run aside to DIR.replaced-<time>.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
+from absl import flags
+from absl import logging
 import numpy as np
 
-from nvae_tf.training import checkpoints
+from nvae_tf import cli as cli_lib
 from nvae_tf.config import ARCH_INSTANCES, DATASETS, NVAEConfig
+from nvae_tf.interop import torch_pickle
+from nvae_tf.training import checkpoints
 
 # `args` fields copied one to one into NVAEConfig, with the defaults that
 # official evaluate.py assumes for old checkpoints that lack them.
@@ -33,8 +44,24 @@ _ARG_FIELDS = ("dataset", "num_channels_enc", "num_channels_dec",
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
+# Keys named in a mismatch message; the rest are counted.
+_KEYS_SHOWN = 5
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint's state_dict does not fit the model built from args."""
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The file is a PyTorch checkpoint, but not one nvae_tf can rebuild."""
+
+
+def _some(keys):
+    """`keys` in a message: the first `_KEYS_SHOWN`, then a count."""
+    keys = list(keys)
+    if len(keys) <= _KEYS_SHOWN:
+        return str(keys)
+    return f"{keys[:_KEYS_SHOWN]} and {len(keys) - _KEYS_SHOWN} more"
 
 
 def config_from_args(args) -> NVAEConfig:
@@ -44,15 +71,17 @@ def config_from_args(args) -> NVAEConfig:
     missing = [f for f in _ARG_FIELDS
                if f not in values and f not in _ARG_DEFAULTS]
     if missing:
-        raise ValueError(f"Checkpoint args lack {missing}; is this an "
-                         "official NVAE checkpoint?")
+        raise UnsupportedCheckpointError(
+            f"Checkpoint args lack {missing}; is this an official NVAE "
+            "checkpoint?")
     if values.get("arch_instance", "res_mbconv") not in ARCH_INSTANCES:
-        raise ValueError(f"arch_instance {values['arch_instance']!r} is not "
-                         f"supported; supported: {sorted(ARCH_INSTANCES)}.")
+        raise UnsupportedCheckpointError(
+            f"arch_instance {values['arch_instance']!r} is not supported; "
+            f"supported: {sorted(ARCH_INSTANCES)}.")
     if values["dataset"] not in DATASETS:
-        raise ValueError(f"dataset {values['dataset']!r} is not supported "
-                         "(the official code cannot build stacked_mnist "
-                         "either).")
+        raise UnsupportedCheckpointError(
+            f"dataset {values['dataset']!r} is not supported (the official "
+            "code cannot build stacked_mnist either).")
     fields = {f: values.get(f, _ARG_DEFAULTS.get(f)) for f in _ARG_FIELDS}
     return NVAEConfig(**fields)
 
@@ -194,9 +223,9 @@ def assign_official_weights(model, state_dict):
     unexpected = sorted(keys - set(entries))
     problems = []
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {_some(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
+        problems.append(f"unexpected keys {_some(unexpected)}")
     assigned = set()
     for key in sorted(keys & set(entries)):
         variable, transform = entries[key]
@@ -216,23 +245,40 @@ def assign_official_weights(model, state_dict):
                   if id(v) not in assigned]
     if unassigned and not problems:
         problems.append(f"model variables without a checkpoint entry "
-                        f"{unassigned}")
+                        f"{_some(unassigned)}")
     if problems:
         raise CheckpointMismatchError(
-            "The official checkpoint does not fit the model built from its "
-            "args: " + "; ".join(problems))
+            "The checkpoint's weights do not fit the model built from its "
+            "args (was it written by a modified NVAE code?): "
+            + "; ".join(problems))
     return len(assigned)
 
 
 def load_official_checkpoint(path):
-    """Reads an official checkpoint; returns (built NVAE, NVAEConfig)."""
+    """Reads an official NVAE checkpoint.
+
+    Args:
+      path: a `checkpoint.pt` of the official `train.py`.
+
+    Returns:
+      (model, config): the built `NVAE` holding the checkpoint's weights, and
+      its `NVAEConfig`.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      torch_pickle.ForbiddenGlobalError: the pickle references code that a
+        weights file has no need of; nothing of it is run.
+      torch_pickle.CheckpointFormatError: not a readable PyTorch checkpoint.
+      UnsupportedCheckpointError: not an NVAE checkpoint nvae_tf rebuilds.
+      CheckpointMismatchError: the weights do not fit the model of its args.
+    """
     from nvae_tf.model import NVAE  # pylint: disable=import-outside-toplevel
-    from nvae_tf.interop.torch_pickle import load_torch_checkpoint  # noqa: E501 pylint: disable=import-outside-toplevel
-    checkpoint = load_torch_checkpoint(path)
+    checkpoint = torch_pickle.load_torch_checkpoint(path)
     for key in ("state_dict", "args"):
-        if key not in checkpoint:
-            raise ValueError(f"{path} has no {key!r} entry; official NVAE "
-                             "checkpoints hold 'state_dict' and 'args'.")
+        if not isinstance(checkpoint, dict) or key not in checkpoint:
+            raise UnsupportedCheckpointError(
+                f"{path} has no {key!r} entry; official NVAE checkpoints "
+                "hold 'state_dict' and 'args'.")
     config = config_from_args(checkpoint["args"])
     model = NVAE(config)
     model.build()
@@ -240,24 +286,86 @@ def load_official_checkpoint(path):
     return model, config
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="official checkpoint.pt")
-    parser.add_argument("--model_dir", required=True,
-                        help="output nvae_tf model directory")
-    args = parser.parse_args(argv)
-    model, config = load_official_checkpoint(args.checkpoint)
-    path = checkpoints.save_model_dir(model, args.model_dir,
-                                      source=args.checkpoint)
-    count = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    print(f"Converted {args.checkpoint} ({config.dataset}, {count:,} "
-          f"parameters) to {path}")
+# Errors of a checkpoint that cannot be converted: the user's to fix.
+CHECKPOINT_ERRORS = (torch_pickle.ForbiddenGlobalError,
+                     torch_pickle.CheckpointFormatError,
+                     UnsupportedCheckpointError, CheckpointMismatchError)
+
+
+def convert_to_model_dir(checkpoint, model_dir, overwrite=False):
+    """Converts an official checkpoint into a new model directory.
+
+    The checkpoint is read and checked before `model_dir` is touched.
+
+    Args:
+      checkpoint: an official `checkpoint.pt`.
+      model_dir: the nvae_tf model directory to write.
+      overwrite: if `model_dir` already holds a run (a config or
+        checkpoints), move it to `<model_dir>.replaced-<time>` first.
+
+    Returns:
+      (checkpoint path written, `NVAEConfig`, path the old run was moved to
+      or None).
+
+    Raises:
+      cli.UserError: `model_dir` holds a run and `overwrite` is False, or
+        the checkpoint cannot be converted (the cause is chained).
+      FileNotFoundError: no file at `checkpoint`.
+    """
+    found = checkpoints.existing_run(model_dir)
+    if found and not overwrite:
+        raise cli_lib.UserError(
+            f"--model_dir={model_dir} already holds a run "
+            f"({', '.join(found)}); not converted. Pass a new --model_dir, "
+            f"or --overwrite to move that run to "
+            f"{model_dir.rstrip('/')}{checkpoints.REPLACED_SUFFIX}<time>.")
+    try:
+        model, config = load_official_checkpoint(checkpoint)
+    except CHECKPOINT_ERRORS as err:
+        message = str(err) if str(checkpoint) in str(err) \
+            else f"{checkpoint}: {err}"
+        raise cli_lib.UserError(f"Not converted: {message}") from err
+    moved_to = checkpoints.move_aside(model_dir) if found else None
+    path = checkpoints.save_model_dir(model, model_dir,
+                                      source=str(checkpoint))
+    return path, config, moved_to
+
+
+# --------------------------------------------------------------------- CLI
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("checkpoint", None,
+                        "Official NVAE checkpoint.pt to convert.")
+    flags.DEFINE_string("model_dir", None,
+                        "nvae_tf model directory to write (new or empty).")
+    flags.DEFINE_bool("overwrite", False,
+                      "If model_dir already holds a run, move it to "
+                      "<model_dir>.replaced-<time> (nothing is deleted) and "
+                      "convert into model_dir.")
+    flags.mark_flags_as_required(["checkpoint", "model_dir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli_lib.UserError(f"Unexpected arguments {argv[1:]}; pass "
+                                "--checkpoint=... --model_dir=...")
+    path, config, moved_to = convert_to_model_dir(
+        FLAGS.checkpoint, FLAGS.model_dir, FLAGS.overwrite)
+    if moved_to:
+        logging.warning("The run that was in %s is now in %s.",
+                        FLAGS.model_dir, moved_to)
+    summary = {"checkpoint": FLAGS.checkpoint, "dataset": config.dataset,
+               "model_dir": FLAGS.model_dir, "saved": path,
+               "replaced_run_moved_to": moved_to}
+    sys.stdout.write(json.dumps(summary) + "\n")
 
 
 def cli():
     """Entry point of `python -m nvae_tf.convert`."""
-    main()
+    define_flags()
+    cli_lib.run(main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import tensorflow as tf
 
@@ -22,6 +23,8 @@ from nvae_tf.config import NVAEConfig
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
+# A replaced run is renamed to MODEL_DIR.replaced-<UTC time>, never deleted.
+REPLACED_SUFFIX = ".replaced-"
 
 
 def config_path(model_dir):
@@ -55,6 +58,33 @@ def read_config(model_dir):
     if "model" not in sections:
         raise ValueError(f"{path} has no 'model' section.")
     return NVAEConfig.from_dict(sections["model"]), sections
+
+
+def existing_run(model_dir):
+    """What of a run `model_dir` holds: a sorted list of `CONFIG_FILE` and
+    `CHECKPOINT_SUBDIR` (when not empty); [] for a new or empty directory."""
+    found = []
+    if tf.io.gfile.exists(config_path(model_dir)):
+        found.append(CONFIG_FILE)
+    subdir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    if tf.io.gfile.isdir(subdir) and tf.io.gfile.listdir(subdir):
+        found.append(CHECKPOINT_SUBDIR)
+    return sorted(found)
+
+
+def move_aside(model_dir):
+    """Renames `model_dir` to `<model_dir>.replaced-<UTC time>[-n]`.
+
+    Returns:
+      The new path of the old directory; nothing is deleted.
+    """
+    base = model_dir.rstrip("/") + REPLACED_SUFFIX + time.strftime(
+        "%Y%m%d-%H%M%S", time.gmtime())
+    target, n = base, 1
+    while tf.io.gfile.exists(target):
+        target, n = f"{base}-{n}", n + 1
+    tf.io.gfile.rename(model_dir, target)
+    return target
 
 
 def checkpoint_manager(checkpoint, model_dir, max_to_keep=5):
