@@ -24,7 +24,7 @@ RTOL = 1e-5
 
 
 def _plain_inverted_residual(op, x):
-    x = upsample_nearest(x) if op.strides == -1 else x
+    x = upsample_nearest(x) if op.upsample else x
     x = op.bn_in(x, training=False)
     x = op.expand.bn(op.expand.conv(x), training=False)
     x = op.depthwise.bn(op.depthwise.conv(x), training=False)
@@ -37,7 +37,7 @@ def _plain_branch(cell, x):
             x = _plain_inverted_residual(op, x)
         else:
             y = op.bn(x, training=False)
-            x = op.conv(upsample_nearest(y) if op.strides == -1 else y)
+            x = op.conv(upsample_nearest(y) if op.upsample else y)
     return x
 
 

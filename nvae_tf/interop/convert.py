@@ -137,11 +137,11 @@ def _cell_entries(prefix, cell):
     entries = {}
     for j, op in enumerate(cell.ops):
         entries.update(_op_entries(f"{prefix}._ops.{j}", op,
-                                   upsampling=j == 0 and cell.strides == -1))
+                                   upsampling=j == 0 and cell.upsample))
     if cell.strides == 2:
         for i, conv in enumerate(cell.skip.convs):
             entries.update(_conv_entries(f"{prefix}.skip.conv_{i + 1}", conv))
-    elif cell.strides == -1:
+    elif cell.upsample:
         entries.update(_conv_entries(f"{prefix}.skip.1", cell.skip.conv))
     if cell.se is not None:
         entries.update(_dense_entries(f"{prefix}.se.se.0", cell.se.squeeze))

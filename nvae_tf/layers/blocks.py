@@ -69,7 +69,8 @@ class InvertedResidual(keras.layers.Layer):
 
     Args:
       filters: output channels.
-      strides: 1, 2 or -1 (nearest up-sampling first).
+      strides: 1, or 2 to down-sample.
+      upsample: nearest x2 up-sampling first (strides must be 1).
       expansion: hidden width factor (6 in decoder cells, 3 in post-process).
       kernel_size: depthwise kernel side (5).
       dilation_rate: depthwise dilation.
@@ -77,10 +78,12 @@ class InvertedResidual(keras.layers.Layer):
     """
 
     def __init__(self, filters, strides=1, expansion=6, kernel_size=5,
-                 dilation_rate=1, sync_batchnorm=False, **kwargs):
+                 dilation_rate=1, sync_batchnorm=False, upsample=False,
+                 **kwargs):
         super().__init__(**kwargs)
-        if strides not in (1, 2, -1):
-            raise ValueError(f"strides={strides!r}; expected 1, 2 or -1.")
+        if strides not in (1, 2) or (upsample and strides != 1):
+            raise ValueError(f"strides={strides!r}, upsample={upsample!r}; "
+                             "expected strides 1 or 2, and 1 to upsample.")
         if filters < 1 or expansion <= 0:
             raise ValueError(f"filters={filters}, expansion={expansion}: "
                              "expected filters >= 1 and expansion > 0.")
@@ -89,6 +92,7 @@ class InvertedResidual(keras.layers.Layer):
                              "size >= 1.")
         self.filters = filters
         self.strides = strides
+        self.upsample = upsample
         self.expansion = expansion
         self.kernel_size = kernel_size
         self.dilation_rate = dilation_rate
@@ -103,14 +107,14 @@ class InvertedResidual(keras.layers.Layer):
         self.expand = ConvBNSwish(hidden, 1, sync_batchnorm=sync,
                                   name="expand", **kw)
         self.depthwise = ConvBNSwish(
-            hidden, self.kernel_size, strides=max(self.strides, 1),
+            hidden, self.kernel_size, strides=self.strides,
             depthwise=True, dilation_rate=self.dilation_rate,
             sync_batchnorm=sync, name="depthwise", **kw)
         self.project = WeightNormConv2D(self.filters, 1, use_bias=False,
                                         weight_norm=False, name="project",
                                         **kw)
         self.bn_out = BatchNorm(synchronized=sync, name="bn_out", **kw)
-        up = 2.0 if self.strides == -1 else 1.0
+        up = 2.0 if self.upsample else 1.0
         shape = _conv_shape(input_shape, in_channels, up)
         self.bn_in.build(shape)
         self.expand.build(shape)
@@ -124,7 +128,7 @@ class InvertedResidual(keras.layers.Layer):
     def call(self, inputs, training=None):
         if not training:
             return self.inference(inputs)
-        x = each(upsample_nearest, inputs) if self.strides == -1 else inputs
+        x = each(upsample_nearest, inputs) if self.upsample else inputs
         x = apply(self.bn_in, x, training=training)
         x = apply(self.expand, x, training=training)
         x = apply(self.depthwise, x, training=training)
@@ -140,7 +144,7 @@ class InvertedResidual(keras.layers.Layer):
         """
         x = tf.nn.silu(self.expand.conv.convolve(inputs,
                                                  *self._folded_expansion()))
-        if self.strides == -1:
+        if self.upsample:
             x = upsample_nearest(x)
         x = self.depthwise.inference(x)
         kernel, bias = self.project.folded_kernel_and_bias(
@@ -159,7 +163,7 @@ class InvertedResidual(keras.layers.Layer):
         return kernel * in_scale[:, None], bias
 
     def compute_output_shape(self, input_shape):
-        factor = {1: 1.0, 2: 0.5, -1: 2.0}[self.strides]
+        factor = 2.0 if self.upsample else 1.0 / self.strides
         return _conv_shape(input_shape, self.filters, factor)
 
     def get_config(self):
@@ -167,7 +171,8 @@ class InvertedResidual(keras.layers.Layer):
         config.update(filters=self.filters, strides=self.strides,
                       expansion=self.expansion, kernel_size=self.kernel_size,
                       dilation_rate=self.dilation_rate,
-                      sync_batchnorm=self.sync_batchnorm)
+                      sync_batchnorm=self.sync_batchnorm,
+                      upsample=self.upsample)
         return config
 
 

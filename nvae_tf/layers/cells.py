@@ -1,9 +1,10 @@
 """The residual cell of NVAE: skip(x) + 0.1 * SE(ops(x)).
 
 One class serves the eight cell types of the pre-process, encoder, decoder
-and post-process towers (spec section 1.10). The cell type fixes the stride
-(normal: 1, down: 2, up: -1) and, with the architecture instance, the list of
-operations; only the first operation changes resolution and channel count.
+and post-process towers, as the official `Cell`. The cell type fixes the
+resampling (normal: none, down: stride 2, up: nearest x2 up-sampling) and,
+with the architecture instance, the list of operations; only the first
+operation changes resolution and channel count.
 """
 
 import re
@@ -21,23 +22,24 @@ RESIDUAL_BRANCH_SCALE = 0.1  # official `skip + 0.1 * branch`, a constant
 
 CELL_TYPES = ("normal_pre", "down_pre", "normal_enc", "down_enc",
               "normal_dec", "up_dec", "normal_post", "up_post")
-_STRIDES = {"normal": 1, "down": 2, "up": -1}
+_STRIDES = {"normal": 1, "down": 2, "up": 1}  # "up" cells upsample instead
 _MBCONV = re.compile(r"^mconv_e(\d+)k(\d+)g0$")
 
 
-def make_operation(op_name, filters, strides, sync_batchnorm, name, dtype):
+def make_operation(op_name, filters, strides, sync_batchnorm, name, dtype,
+                   upsample=False):
     """Builds one official operation (`res_bnswish`, `mconv_e6k5g0`, ...)."""
     if op_name in ("res_bnswish", "res_bnswish5"):
         dilation = 2 if op_name == "res_bnswish5" else 1
         return BNSwishConv(filters, 3, strides=strides, dilation_rate=dilation,
                            sync_batchnorm=sync_batchnorm, name=name,
-                           dtype=dtype)
+                           dtype=dtype, upsample=upsample)
     match = _MBCONV.match(op_name)
     if match:
         return InvertedResidual(
             filters, strides=strides, expansion=int(match.group(1)),
             kernel_size=int(match.group(2)), sync_batchnorm=sync_batchnorm,
-            name=name, dtype=dtype)
+            name=name, dtype=dtype, upsample=upsample)
     raise ValueError(f"Unsupported operation {op_name!r}.")
 
 
@@ -69,15 +71,17 @@ class ResidualCell(CheckpointableCollections, keras.layers.Layer):
         self.sync_batchnorm = sync_batchnorm
         kind, family = cell_type.split("_")
         self.strides = _STRIDES[kind]
+        self.upsample = kind == "up"
         op_names = ARCH_INSTANCES[arch_instance][family]
         self.ops = [
             make_operation(op, filters, self.strides if i == 0 else 1,
-                           sync_batchnorm, f"op_{i}", self.dtype_policy)
+                           sync_batchnorm, f"op_{i}", self.dtype_policy,
+                           upsample=self.upsample and i == 0)
             for i, op in enumerate(op_names)]
         if self.strides == 2:
             self.skip = FactorizedReduce(filters, name="skip",
                                          dtype=self.dtype_policy)
-        elif self.strides == -1:
+        elif self.upsample:
             self.skip = UpsampleSkip(filters, name="skip",
                                      dtype=self.dtype_policy)
         else:
@@ -86,7 +90,7 @@ class ResidualCell(CheckpointableCollections, keras.layers.Layer):
             if use_se else None
 
     def build(self, input_shape):
-        if self.strides == 1 and input_shape[-1] != self.filters:
+        if self.skip is None and input_shape[-1] != self.filters:
             raise ValueError(
                 f"{self.cell_type} cell keeps the channel count: got input "
                 f"{input_shape[-1]} channels, filters={self.filters}.")

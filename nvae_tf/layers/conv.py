@@ -338,26 +338,29 @@ class BNSwishConv(keras.layers.Layer):
     Args:
       filters: output channels.
       kernel_size: odd kernel side (official: 3).
-      strides: 1, 2 (down-sampling conv) or -1 (nearest up-sampling first).
+      strides: 1, or 2 for a down-sampling conv.
+      upsample: nearest x2 up-sampling before the conv (strides must be 1).
       dilation_rate: 1 (`res_bnswish`) or 2 (`res_bnswish5`); padding keeps
         the size at stride 1.
       sync_batchnorm: synchronise BN statistics across replicas.
     """
 
     def __init__(self, filters, kernel_size=3, strides=1, dilation_rate=1,
-                 sync_batchnorm=False, **kwargs):
+                 sync_batchnorm=False, upsample=False, **kwargs):
         super().__init__(**kwargs)
-        if strides not in (1, 2, -1):
-            raise ValueError(f"strides={strides!r}; expected 1, 2 or -1.")
+        if strides not in (1, 2) or (upsample and strides != 1):
+            raise ValueError(f"strides={strides!r}, upsample={upsample!r}; "
+                             "expected strides 1 or 2, and 1 to upsample.")
         self.filters = filters
         self.kernel_size = kernel_size
         self.strides = strides
+        self.upsample = upsample
         self.dilation_rate = dilation_rate
         self.sync_batchnorm = sync_batchnorm
         self.bn = BatchNorm(activation="swish", synchronized=sync_batchnorm,
                             name="bn", dtype=self.dtype_policy)
         self.conv = WeightNormConv2D(
-            filters, kernel_size, strides=abs(strides),
+            filters, kernel_size, strides=strides,
             padding=dilation_rate * (kernel_size - 1) // 2,
             dilation_rate=dilation_rate, use_bias=True, weight_norm=True,
             name="conv", dtype=self.dtype_policy)
@@ -365,7 +368,7 @@ class BNSwishConv(keras.layers.Layer):
     def build(self, input_shape):
         self.bn.build(input_shape)
         shape = list(input_shape)
-        if self.strides == -1 and shape[1] is not None:
+        if self.upsample and shape[1] is not None:
             shape[1], shape[2] = 2 * shape[1], 2 * shape[2]
         self.conv.build(tuple(shape))
 
@@ -373,7 +376,7 @@ class BNSwishConv(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         y = apply(self.bn, inputs, training=training)
-        if self.strides == -1:
+        if self.upsample:
             y = each(upsample_nearest, y)
         return apply(self.conv, y)
 
@@ -389,7 +392,7 @@ class BNSwishConv(keras.layers.Layer):
         """
         y = tf.nn.silu(inputs) if normalized else \
             self.bn(inputs, training=False)
-        if self.strides == -1:
+        if self.upsample:
             y = upsample_nearest(y)
         if next_bn is None:
             return self.conv(y)
@@ -400,13 +403,14 @@ class BNSwishConv(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         size = input_shape[1]
         if size is not None:
-            size = size * 2 if self.strides == -1 else \
-                (size - 1) // abs(self.strides) + 1
+            size = size * 2 if self.upsample else \
+                (size - 1) // self.strides + 1
         return (input_shape[0], size, size, self.filters)
 
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, kernel_size=self.kernel_size,
                       strides=self.strides, dilation_rate=self.dilation_rate,
-                      sync_batchnorm=self.sync_batchnorm)
+                      sync_batchnorm=self.sync_batchnorm,
+                      upsample=self.upsample)
         return config

@@ -72,22 +72,23 @@ def _inverted_residual_reference(layer, x, upsample):
     return bn(conv_layer_reference(layer.project, h), layer.bn_out)
 
 
-@pytest.mark.parametrize("strides, expansion, out_shape", [
-    (1, 6, (2, 4, 4, 4)),
-    (2, 3, (2, 2, 2, 6)),
-    (-1, 3, (2, 8, 8, 2)),
+@pytest.mark.parametrize("strides, upsample, expansion, out_shape", [
+    (1, False, 6, (2, 4, 4, 4)),
+    (2, False, 3, (2, 2, 2, 6)),
+    (1, True, 3, (2, 8, 8, 2)),
 ])
-def test_inverted_residual(strides, expansion, out_shape, regime):
+def test_inverted_residual(strides, upsample, expansion, out_shape, regime):
     shape = (2, 4, 4, 4)
     layer = InvertedResidual(out_shape[-1], strides=strides,
-                             expansion=expansion, kernel_size=5)
+                             expansion=expansion, kernel_size=5,
+                             upsample=upsample)
     layer.build(shape)
     randomize_weights(layer)
     hidden = 4 * expansion  # round(C_in * ex), from C_in before upsampling
     assert layer.expand.conv.kernel.shape == (1, 1, 4, hidden)
     assert layer.depthwise.conv.kernel.shape == (5, 5, hidden, 1)
     assert layer.depthwise.conv.depthwise
-    assert layer.depthwise.conv.strides == max(strides, 1)
+    assert layer.depthwise.conv.strides == strides
     assert layer.project.kernel.shape == (1, 1, hidden, out_shape[-1])
     # No weight norm and no bias anywhere in the block (official).
     for conv in (layer.expand.conv, layer.depthwise.conv, layer.project):
@@ -97,7 +98,7 @@ def test_inverted_residual(strides, expansion, out_shape, regime):
     assert tuple(y.shape) == out_shape == tuple(
         layer.compute_output_shape(shape))
     np.testing.assert_allclose(
-        y, _inverted_residual_reference(layer, x, strides == -1), rtol=1e-4,
+        y, _inverted_residual_reference(layer, x, upsample), rtol=1e-4,
         atol=1e-4)
     clone = rebuild_from_config(layer, shape)
     np.testing.assert_array_equal(layer(x, training=True),
@@ -117,6 +118,8 @@ def test_inverted_residual_training_mode_uses_batch_statistics():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(filters=4, strides=3), "strides=3"),
+    (dict(filters=4, strides=-1), "strides=-1"),
+    (dict(filters=4, strides=2, upsample=True), "strides=2, upsample=True"),
     (dict(filters=0), "filters=0"),
     (dict(filters=4, expansion=0), "expansion=0"),
     (dict(filters=4, kernel_size=4), "kernel_size=4"),

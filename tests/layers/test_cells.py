@@ -44,9 +44,10 @@ def test_residual_cell_structure_and_shape(cell_type, regime):
     assert len(cell.ops) == expected_ops
     assert all(isinstance(op, op_class) for op in cell.ops)
     # Only the first op changes resolution.
-    stride = {"normal": 1, "down": 2, "up": -1}[cell_type.split("_")[0]]
-    assert cell.ops[0].strides == stride
-    assert all(op.strides == 1 for op in cell.ops[1:])
+    kind = cell_type.split("_")[0]
+    assert cell.ops[0].strides == (2 if kind == "down" else 1)
+    assert cell.ops[0].upsample == (kind == "up")
+    assert all(op.strides == 1 and not op.upsample for op in cell.ops[1:])
     if expansion is not None:
         assert cell.ops[0].expansion == expansion
         assert cell.ops[0].kernel_size == 5

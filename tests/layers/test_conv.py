@@ -259,14 +259,15 @@ def test_conv_bn_swish_errors():
 
 # ------------------------------------------------------------ BNSwishConv
 
-@pytest.mark.parametrize("strides, dilation, out_shape", [
-    (1, 1, (2, 8, 8, 5)),
-    (2, 1, (2, 4, 4, 5)),
-    (-1, 1, (2, 16, 16, 5)),
-    (1, 2, (2, 8, 8, 5)),  # res_bnswish5: 3x3, dilation 2, padding 2
+@pytest.mark.parametrize("strides, upsample, dilation, out_shape", [
+    (1, False, 1, (2, 8, 8, 5)),
+    (2, False, 1, (2, 4, 4, 5)),
+    (1, True, 1, (2, 16, 16, 5)),
+    (1, False, 2, (2, 8, 8, 5)),  # res_bnswish5: 3x3, dilation 2, padding 2
 ])
-def test_bn_swish_conv(strides, dilation, out_shape, regime):
-    layer = BNSwishConv(5, 3, strides=strides, dilation_rate=dilation)
+def test_bn_swish_conv(strides, upsample, dilation, out_shape, regime):
+    layer = BNSwishConv(5, 3, strides=strides, dilation_rate=dilation,
+                        upsample=upsample)
     shape = (2, 8, 8, 4)
     layer.build(shape)
     randomize_weights(layer)
@@ -278,7 +279,7 @@ def test_bn_swish_conv(strides, dilation, out_shape, regime):
         layer.compute_output_shape(shape))
     h = swish(batchnorm_reference(x, np.asarray(layer.bn.gamma),
                                   np.asarray(layer.bn.beta)))
-    if strides == -1:
+    if upsample:
         h = np.asarray(upsample_nearest(tf.constant(h)))
         np.testing.assert_array_equal(h[:, 2:4, 6:8], np.broadcast_to(
             h[:, 2:3, 6:7], (2, 2, 2, 4)))
@@ -292,5 +293,9 @@ def test_bn_swish_conv(strides, dilation, out_shape, regime):
 def test_bn_swish_conv_errors():
     with pytest.raises(ValueError, match="strides=0"):
         BNSwishConv(4, strides=0)
+    with pytest.raises(ValueError, match="strides=-1"):  # the old "up"
+        BNSwishConv(4, strides=-1)
+    with pytest.raises(ValueError, match="strides=2, upsample=True"):
+        BNSwishConv(4, strides=2, upsample=True)
     with pytest.raises(ValueError, match="filters=0"):
         BNSwishConv(0)
