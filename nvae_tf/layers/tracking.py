@@ -7,9 +7,31 @@ every layer in a list. Layers that keep sub-layers or variables in lists mix
 this in, so checkpoints (and `CheckpointManager`) see all of them.
 """
 
+import keras
 import tensorflow as tf
 
 _Trackable = tf.__internal__.tracking.Trackable
+# Keras' TensorFlow backend lists in this private attribute the names of a
+# layer's attributes that hold a TrackedList, TrackedDict or TrackedSet
+# (keras/src/backend/tensorflow/layer.py and trackable.py).
+KERAS_TRACKED_ATTRIBUTE = "_tracked"
+
+
+def _tracked_attribute_names(layer):
+    """The names Keras lists in `KERAS_TRACKED_ATTRIBUTE`; raises if absent.
+
+    Without the list, the layers in lists would be missing from every
+    checkpoint without an error; a Keras that renamed it must fail here.
+    """
+    try:
+        return getattr(layer, KERAS_TRACKED_ATTRIBUTE)
+    except AttributeError:
+        raise RuntimeError(
+            f"Keras {keras.__version__}: layer {layer.name!r} has no "
+            f"`{KERAS_TRACKED_ATTRIBUTE}` attribute, which nvae_tf reads to "
+            "put the layers held in lists into checkpoints; use the Keras "
+            "version of requirements.txt or update "
+            "nvae_tf/layers/tracking.py.") from None
 
 
 class CheckpointableCollections:
@@ -19,7 +41,7 @@ class CheckpointableCollections:
         children = super()._trackable_children(save_type, **kwargs)
         if save_type != "checkpoint":
             return children
-        for attr in getattr(self, "_tracked", ()):
+        for attr in _tracked_attribute_names(self):
             value = getattr(self, attr, None)
             if isinstance(value, dict):
                 items = [(str(k), v) for k, v in value.items()]
