@@ -44,7 +44,7 @@ BINARY_DATASETS = ("mnist", "omniglot")
 MNIST_PAD = 2  # pixels of zero padding on each side, 28 -> 32.
 
 # Operation lists per cell type, as the official `get_arch_cells` tables
-# (spec section 1.10). Keys: cell family -> op names of the cell.
+# Keys: cell family -> op names of the cell.
 _RES = ("res_bnswish", "res_bnswish")
 ARCH_INSTANCES: dict[str, dict[str, tuple[str, ...]]] = {
     "res_mbconv": {"enc": _RES, "pre": _RES,

@@ -3,8 +3,8 @@
 `make_datasets(DataConfig(...))` returns a training and an evaluation
 `tf.data.Dataset` of float32 image batches `[B, H, W, C]` in [0, 1] (labels
 dropped) and a `DataInfo`. Images come at their stored shape (28x28 for
-MNIST-like data; the model pads 28 -> 32 itself). Preprocessing follows spec
-section 8 and runs on whole batches:
+MNIST-like data; the model pads 28 -> 32 itself). Preprocessing follows the
+official data loaders and `pre_process` and runs on whole batches:
 
 1. value / 255;
 2. random horizontal flip, training set only, for the natural-image datasets
@@ -278,7 +278,7 @@ def _levels_to_unit(levels: tf.Tensor, num_bits: int) -> tf.Tensor:
 
 
 def quantize(x: tf.Tensor, num_bits: int) -> tf.Tensor:
-    """Reduces pixels to `num_bits` bits (official `pre_process`, spec 8).
+    """Reduces pixels to `num_bits` bits (official `pre_process`).
 
     x = floor(255 x / 2^(8 - bits)) / (2^bits - 1); 5 bits maps the 8-bit
     value v to floor(v / 8) / 31. 255 x is rounded first (x is taken to be on

@@ -45,7 +45,7 @@ def soft_clamp(x, limit: float = LATENT_SOFT_CLAMP):
 
 
 def latent_normal(raw_loc, raw_log_scale, temperature=1.0) -> tfd.Normal:
-    """The official `Normal(mu, log_sigma, temp)` (spec 3.1), element-wise.
+    """The official `Normal(mu, log_sigma, temp)`, element-wise.
 
     loc = soft_clamp(raw_loc); scale = (exp(soft_clamp(raw_log_scale)) +
     MIN_LATENT_SCALE) * temperature, t applied after the offset. The result
@@ -108,7 +108,7 @@ def _couple_sequentially(locs, coeffs):
 
 
 def _discretized_logistic_log_prob(y, loc, log_scale, num_bits: int):
-    """Element-wise log-mass of the bin of data `y` in [-1, 1] (spec 4.2).
+    """Element-wise log-mass of the bin of data `y` in [-1, 1].
 
     `loc` and `log_scale` (clamped) parametrise one logistic; bins have
     half-width 1 / (2**num_bits - 1), edge bins are open-ended.
@@ -142,7 +142,7 @@ class _PixelwiseImage:
 class DiscretizedLogisticMixture(tfd.Distribution):
     """Discretized mixture of logistics over images (official DiscMixLogistic).
 
-    Layout of `logits` [B, H, W, K], M = `num_mixtures` (spec 4.2): `[0, M)`
+    Layout of `logits` [B, H, W, K], M = `num_mixtures` (official): `[0, M)`
     mixture logits shared by a pixel's colours, then for colour c the block
     `M + block * c + [0, block)` of [M locs, M log-scales, M raw coupling
     coefficients] (C = 3: block = 3M, K = 10M). For C = 1 there is no
@@ -248,7 +248,7 @@ class DiscretizedLogisticMixture(tfd.Distribution):
     _log_prob = _PixelwiseImage.log_prob  # [B, H, W] summed -> [B]
 
     def _sample_n(self, n, seed=None, temperature=1.0):
-        """Draws [n, B, H, W, C] samples in [0, 1] (spec 4.2 sampling)."""
+        """Draws [n, B, H, W, C] samples in [0, 1] as the official `sample`."""
         temperature = tf.convert_to_tensor(temperature, tf.float32)
         seed = _stateless_seed(seed)
         choice_seed, noise_seed = (

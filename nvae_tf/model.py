@@ -4,7 +4,8 @@ Bottom-up encoder and top-down decoder share the latent hierarchy: for each
 latent group k (coarse to fine) the decoder state gives the prior p_k, the
 encoder feature of the same resolution combined with the decoder state gives
 the posterior q_k, and a sample of q_k is merged back into the decoder. The
-wiring follows the official code exactly (spec sections 2.3-2.11).
+wiring (towers, samplers, combiners, the order of operations in `call`
+and `sample`) follows the official `AutoEncoder` exactly.
 """
 
 import functools
@@ -151,7 +152,7 @@ class NVAE(CheckpointableCollections, keras.Model):
             self.encoder_samplers.append(conv(latent2, 3,
                                               f"encoder_sampler_{k}"))
             for n in range(c.num_nf):
-                # Latents and their densities stay float32 (spec pitfall 23).
+                # Latents and their densities stay float32 under a mixed policy.
                 self.flows.append(PairedAutoregressiveFlow(
                     name=f"flow_{k}_{n}", dtype="float32"))
             if k > 0:

@@ -4,8 +4,7 @@ Small functions of tensors and the training step, each testable alone, plus the
 `SpectralRegularizer` layer that keeps the persistent power-iteration state.
 Formulas follow NVAE (Vahdat & Kautz, "NVAE: A Deep Hierarchical Variational
 Autoencoder", NeurIPS 2020, arXiv:2007.03898) as the official code computes
-them (NVAE_SPEC.md sections 5.2-5.6). Everything is float32, also under a mixed
-precision policy.
+them. Everything is float32, also under a mixed precision policy.
 
 The full training loss per replica is
 
@@ -51,7 +50,7 @@ def kl_coeff(step, total_steps, kl_anneal_portion: float = 0.3,
     c N steps, then rises linearly to 1 at (a + c) N steps and stays at 1.
 
     Args:
-      step: the global step (per-process iteration count, spec pitfall 24);
+      step: the global step (the official counts a process's iterations);
         a python number or a scalar tensor of any numeric dtype (e.g. the
         optimizer's int64 `iterations`).
       total_steps: N, iterations per process over the whole run

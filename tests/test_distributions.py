@@ -21,7 +21,8 @@ def _dml_logits(num_mixtures, num_channels, shape=(2, 2, 2), seed=0):
 
 
 # --------------------------------------------------------------------------
-# Independent NumPy reference of spec 4.2, written plainly with loops.
+# Independent NumPy reference of the official DiscMixLogistic, written
+# plainly with loops.
 
 def _np_sigmoid(z):
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else (
@@ -174,7 +175,7 @@ def test_mixture_log_prob_matches_numpy_reference(num_channels, num_bits):
 
 def test_mixture_upper_edge_quirk_at_pixel_254():
     # One logistic at y = 0 with scale 1: pixels 254 and 255 both get the
-    # open upper tail 1 - sigmoid(y - 1/255), spec 4.2.
+    # open upper tail 1 - sigmoid(y - 1/255), as the official code.
     logits = np.zeros([1, 1, 1, 3], np.float32)
     dist = dists.DiscretizedLogisticMixture(logits, 1, num_channels=1)
     for value in (254, 255):
@@ -250,7 +251,8 @@ def test_mixture_samples_shape_range_and_seed():
 
 def test_lower_temperature_widens_logistic_noise():
     # One component, loc 0, log-scale -4: no clipping, so with the same seed
-    # the t = 0.5 deviations are exactly twice the t = 1 ones (spec 4.2).
+    # the t = 0.5 deviations are exactly twice the t = 1 ones (the official
+    # sampler divides the logistic scale by t).
     params = np.array([0.0, 0.0, -4.0], np.float32)
     dist = dists.DiscretizedLogisticMixture(np.tile(params, (2, 8, 8, 1)), 1,
                                             num_channels=1)

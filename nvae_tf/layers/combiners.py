@@ -1,4 +1,4 @@
-"""Cells that merge the encoder and decoder paths (spec section 1.11)."""
+"""Cells that merge the encoder and decoder paths (official combiner cells)."""
 
 import keras
 import tensorflow as tf

@@ -7,7 +7,7 @@ parameter and the per-output-channel gain is stored in log space,
 
 initialised with PyTorch's default U(+-1/sqrt(fan_in)) kernel and bias and
 `log_weight_norm = log(||v|| + 0.01)` (Vahdat & Kautz, 2020, and the official
-code; spec section 1.1). Padding is symmetric as in PyTorch.
+code). Padding is symmetric as in PyTorch.
 """
 
 import math

@@ -1,4 +1,4 @@
-"""Autoregressive shift flows on the latent groups (spec section 3.4).
+"""Autoregressive shift flows on the latent groups (official `num_nf`).
 
 Each `num_nf` unit is a `PairedAutoregressiveFlow`: two volume-preserving
 cells z <- z - mu(z), the second one with the reversed raster order. mu is a

@@ -1,6 +1,6 @@
 """BatchNorm statistics re-estimated for sampling, cached per temperature.
 
-The official `--readjust_bn` (spec 7.4) puts the model in training mode and
+The official `--readjust_bn` puts the model in training mode and
 draws `model.sample(16, t)` 500 times, so the decoder's BatchNorm running
 statistics (momentum 0.05) become those of prior samples at temperature t
 instead of posterior samples seen in training. Samples drawn with the

@@ -15,9 +15,10 @@ per core (`--inference_shards`, `nvae_tf.fast.inference_shards`): the same numbe
 their function with the loaded weights as constants
 (`nvae_tf.fast.constant_weights`): weight-only tensors are computed once.
 
-- `nll` (spec 7.1): on the evaluation split, for each batch K posterior
-  samples (fresh noise each), log w_k = log p(x|z_k) + log p(z_k) -
-  log q(z_k|x), then -log p(x) ~ -(logsumexp_k log w_k - log K) per image,
+- `nll` (the official `--eval_mode=evaluate`): on the evaluation split,
+  for each batch K posterior samples (fresh noise each), log w_k =
+  log p(x|z_k) + log p(z_k) - log q(z_k|x), then
+  -log p(x) ~ -(logsumexp_k log w_k - log K) per image,
   averaged over images; also the NELBO (unbalanced KL) averaged over the same
   samples. BatchNorm in inference mode. `--iw_samples_per_pass` runs several
   samples in one forward of the tiled batch (same function, more memory).
@@ -102,7 +103,7 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
                             total_images: int | None = None,
                             progress: bool = True, shards: int = 1,
                             constant_weights: bool = True) -> dict:
-    """Importance-weighted NLL and NELBO over a dataset (spec 7.1).
+    """Importance-weighted NLL and NELBO over a dataset.
 
     Args:
       model: an `NVAE`.
@@ -297,7 +298,7 @@ def define_flags():
 
 
 def _section_value(sections, key):
-    for name in ("data", "train", "training"):
+    for name in ("data", "train"):
         value = sections.get(name, {})
         if isinstance(value, dict) and value.get(key) is not None:
             return value[key]

@@ -5,7 +5,7 @@ an exported SavedModel: BatchNorm in inference mode, noise only from
 stateless seeds (or none at all), so the same inputs give the same outputs.
 
 - `log_weights`: importance weights log p(x|z) + log p(z) - log q(z|x) of
-  k posterior samples per image (spec 7.1), and their NELBOs.
+  k posterior samples per image, and their NELBOs.
 - `reconstruct`: decode the posterior means (the mean of every group given
   the means of the groups above), shown as the image distribution's mean.
 - `interpolate`: decode linear interpolations of two images' per-group
@@ -164,7 +164,8 @@ def log_weights(model, x, num_samples: int, seed, shards: int = 1):
 
     Returns:
       (log_w, nelbo), both [k, B] in nats: log_w = log p(x|z) + log p(z) -
-      log q(z|x) (log q before the volume-preserving flows, spec 7.1) and
+      log q(z|x) (log q before the volume-preserving flows, whose
+      log-determinant is 0, as the official code scores it) and
       the NELBO recon + KL (unbalanced, beta = 1) of the same sample.
     """
     x = tf.convert_to_tensor(x, tf.float32)

@@ -8,7 +8,9 @@ precision). Both are built by `nvae_tf.training.flags.from_flags` and saved in
 and the `ObjectiveConfig` (sections `train`, `runtime`, `model`, `data`,
 `objective`).
 
-Step arithmetic (spec section 6.2 and pitfall 24): one step consumes one
+Step arithmetic (the official schedules count iterations per process; here
+one global batch is the step, so a run on fewer devices with the same
+global batch keeps the official step counts): one step consumes one
 global batch (`batch_size` images over all replicas), and every schedule is
 counted in these steps. With P = batches per pass over the training split
 (`DataInfo.steps_per_epoch`):
@@ -33,7 +35,7 @@ from nvae_tf.fast.graph_options import GRAPPLER
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
-# Official evaluation cadence (spec section 6.5): every epoch for runs of at
+# Official evaluation cadence: every epoch for runs of at
 # most 50 epochs, otherwise every 20 epochs (and always at the end).
 OFFICIAL_EVAL_EPOCHS_THRESHOLD = 50
 OFFICIAL_EVAL_EVERY_LONG_RUNS = 20

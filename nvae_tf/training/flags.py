@@ -1,7 +1,7 @@
 """Command-line flags of `python -m nvae_tf.train` and their validation.
 
 `define_flags()` defines every flag of the official NVAE `train.py` with its
-name and default (spec section 6.4) plus nvae_tf's own (`--model_dir`,
+name and default plus nvae_tf's own (`--model_dir`,
 `--strategy`, ...). `from_flags()` is the only code that reads the flags: it
 checks every value and combination and returns the five config sections
 
@@ -56,7 +56,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     fv = dict(flag_values=flag_values)
     f = flags
 
-    # ---- official: run directory, data, optimisation (spec 6.4)
+    # ---- official: run directory, data, optimisation
     f.DEFINE_string("root", "/tmp/nasvae/expr",
                     "Official results root; --model_dir defaults to "
                     "ROOT/eval-SAVE.", **fv)

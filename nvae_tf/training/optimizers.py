@@ -3,8 +3,8 @@
 `Adamax` is the official variant (epsilon inside the max, coupled L2 weight
 decay), which Keras' built-in Adamax is not. `WarmupCosineSchedule` is the
 official per-iteration linear warm-up followed by a per-epoch cosine decay.
-Reference: NVAE (Vahdat & Kautz, NeurIPS 2020, arXiv:2007.03898); behaviour
-from NVAE_SPEC.md sections 6.1 and 6.2.
+Reference: NVAE (Vahdat & Kautz, NeurIPS 2020, arXiv:2007.03898) and the
+official `train.py`.
 """
 
 from __future__ import annotations
@@ -216,7 +216,8 @@ class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
     Args:
       learning_rate: peak LR (official default 1e-2).
       learning_rate_min: final LR eta_min (official default 1e-4).
-      steps_per_epoch: N, iterations per epoch *per process* (spec pitfall 24).
+      steps_per_epoch: N, iterations per epoch *per process* (the official
+        schedule counts a process's iterations, not images).
       epochs: total epochs.
       warmup_epochs: warm-up length in epochs (official default 5; 0 = none).
       lr_scale: initial value of the `lr_scale` multiplier.

@@ -43,7 +43,7 @@ from nvae_tf.model import NVAE
 from nvae_tf.training.optimizers import Adamax, WarmupCosineSchedule
 from nvae_tf.objectives import bits_per_dim, compute_loss
 
-# Official GradScaler for float16 (spec section 6.3).
+# The official float16 GradScaler: initial scale, growth interval.
 LOSS_SCALE_INIT = 2.0 ** 10
 LOSS_SCALE_GROWTH_STEPS = 2000
 # Stream id folded into the run seed for the evaluation noise (the sample

@@ -84,7 +84,7 @@ def test_weight_norm_off_uses_raw_kernel():
 
 
 @pytest.mark.parametrize("cin, cout, k, depthwise, fan_in", [
-    (16, 8, 3, False, 144),  # the spec's example: bound 0.0833
+    (16, 8, 3, False, 144),  # bound 1 / sqrt(144) = 0.0833
     (64, 64, 1, False, 64),
     (32, 32, 5, True, 25),  # depthwise: fan_in = k * k
 ])

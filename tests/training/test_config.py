@@ -19,7 +19,7 @@ import pytest
 
 from tests.training import helpers as train_helpers
 
-# Official trainable parameter counts (spec section 10).
+# Official trainable parameter counts of the README configurations.
 PRESETS = {"mnist": 33.36e6, "cifar10": 130.85e6, "celeba64": 153.28e6,
            "imagenet32": 268.51e6, "celebahq256": 330.80e6,
            "ffhq256": 330.80e6}

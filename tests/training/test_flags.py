@@ -16,7 +16,7 @@ from tests.training import helpers as train_helpers
 
 CONFIG_DIR = os.path.join(train_helpers.REPO, "configs")
 
-# Spec section 6.4: every official train.py flag and its default. `--data`
+# Every official train.py flag and its default. `--data`
 # is an alias of `--data_dir` (default: the dataset's own location).
 OFFICIAL_DEFAULTS = {
     "root": "/tmp/nasvae/expr", "save": "exp", "dataset": "mnist",
