@@ -6,11 +6,9 @@ inverted residuals' folded expansions (about 2,000 small ops per mnist-small
 call). Read from variables, these are recomputed on every call. Traced with
 the weights' current values as constants, TensorFlow's constant folding
 (a Grappler pass) computes them once, when the function is first optimised,
-and every later call runs only the image-dependent ops. On the 2-core
-machine of issue 7 this made mnist-small evaluation 0.90x and sampling
-0.93x as long per call, with the same results to float32 rounding
-(bit-identical on the benchmark presets; docs/performance.md,
-tests/test_constant_weights.py).
+and every later call runs only the image-dependent ops: shorter calls
+(docs/performance.md) with the same results to float32 rounding
+(bit-identical on the benchmark presets; tests/fast/test_constant_weights.py).
 
 The function is a snapshot: it keeps the weights of the moment it was made
 and must be made again after they change (training, a restored checkpoint,
@@ -18,11 +16,10 @@ re-estimated batch norm statistics). It must not change model state either:
 the model's noise counter would not advance, so such a function refuses to
 trace; pass explicit seeds (all of `inference`, `evaluate` and `export` do).
 Memory: the graph, its optimised copy and the kernels each hold the
-constants, and the folded tensors come on top: the inference process of
-`python -m benchmarks.bench` peaked 150 MB (mnist-small, 10 MB of weights) and
-215 MB (cifar-small, 15 MB) higher with both eval and sample traced so.
-Weights over `MAX_CONSTANT_BYTES` are refused (a graph is a protocol buffer
-of at most 2 GB); such models read their variables.
+constants, and the folded tensors come on top (the peak memory of the
+benchmark presets: docs/performance.md). Weights over `MAX_CONSTANT_BYTES`
+are refused (a graph is a protocol buffer of at most 2 GB); such models
+read their variables.
 """
 
 from __future__ import annotations

@@ -3,18 +3,16 @@
 `GRAPPLER["lean"]` (the default of `python -m nvae_tf.train` and of
 `python -m benchmarks.bench`, flag `--grappler`) drops the passes that cost
 setup time and memory but do nothing for these graphs on a CPU: the memory
-optimiser (2-3 s per mnist-small train step graph, +470 nodes, more peak
-RSS), the TFG (MLIR) passes, layout (NHWC already), loop and implementation
+optimiser (seconds per train step graph, more nodes, more peak RSS), the
+TFG (MLIR) passes, layout (NHWC already), loop and implementation
 selection (no loops or function alternatives). Pruning, common-subgraph
 elimination, constant folding, arithmetic and dependency optimisation and
 the remapper (which fuses conv + bias / BN + activation for oneDNN) stay,
 with both of the default two meta-optimiser iterations: turning those off
-cost step time (one iteration: +4% train CPU) or RSS (no constant folding:
-+100 MB). Measured on the trainer's train step (mnist-small flags, batch
-32): first call CPU 38.2 -> 30.1 s, peak RSS 2499 -> 2107 MB, step CPU
-0.783 -> 0.726 s (bench, first call of its train step: mnist-small 14.9 ->
-9.1 s, cifar-small 28.7 -> 21.0 s); loss and gradients are unchanged
-(tests/test_train.py, tests/test_bench.py). `GRAPPLER["default"]` is TensorFlow's own passes.
+cost step time or RSS. The first call of a train step is shorter and its
+peak RSS lower (docs/performance.md, "What was tried"); loss and gradients
+are unchanged (tests/training, tests/benchmarks/test_bench.py).
+`GRAPPLER["default"]` is TensorFlow's own passes.
 
 `tf.config.optimizer.set_experimental_options` cannot set
 `memory_optimization` nor `disable_tfg_optimizer`, so `set_grappler_options`

@@ -5,9 +5,9 @@ statistics), so a batch can be cut into S parts that run as S independent
 chains of ops in one graph. With one intra-op thread and S inter-op threads,
 TensorFlow runs each chain on its own core, single-threaded: the small
 convolutions of the 4x4-16x16 latent scales and the element-wise ops then
-avoid splitting every op over the cores. On the 2-core machine of issue 7
-this made evaluation and sampling 1.1-1.4x faster than one chain with two
-intra-op threads (docs/performance.md). With the default threads (every op
+avoid splitting every op over the cores, which makes evaluation and
+sampling on a CPU faster than one chain with all intra-op threads
+(docs/performance.md). With the default threads (every op
 split over all cores) shards gain nothing; `configure_shard_threads`
 sets the threads that pair with them.
 

@@ -32,10 +32,10 @@ def _depthwise_kernel_grad(inputs, grad_output, kernel_size):
 
     grad[i, j, c] = sum_{b, h, w} x_pad[b, h + i, w + j, c] dy[b, h, w, c],
     for each image b a 'VALID' depthwise convolution of the padded image with
-    dy[b] as the kernel, summed over the batch. On this CPU (oneDNN) that is
-    2-5x faster than `DepthwiseConv2dNativeBackpropFilter`. Without a static
-    batch size the batch is folded into the channels instead (one
-    convolution [1, H', W', B*C] by [H, W, B*C, 1], still faster).
+    dy[b] as the kernel, summed over the batch: with oneDNN, faster than
+    `DepthwiseConv2dNativeBackpropFilter` (docs/performance.md). Without a
+    static batch size the batch is folded into the channels instead (one
+    convolution [1, H', W', B*C] by [H, W, B*C, 1], also faster).
     """
     pad = (kernel_size - 1) // 2
     batch, height, width, channels = grad_output.shape

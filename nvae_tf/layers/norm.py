@@ -44,9 +44,8 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
     Returns (Swish(BN(x)), batch mean, unbiased batch variance). The
     gradient recomputes BN(x) from `x` and the batch statistics instead of
     keeping it from the forward pass, as the official fused BN-Swish does:
-    one tensor less per pair held for the backward pass (mnist-small: 116
-    MB, cifar-small: 299 MB at the benchmark's batch sizes) for one
-    inference-mode BN pass in the backward pass. No gradient flows back
+    one tensor less per pair held for the backward pass (its memory saving:
+    docs/performance.md) for one inference-mode BN pass in the backward pass. No gradient flows back
     from the statistics outputs (they only feed the moving averages).
     """
 

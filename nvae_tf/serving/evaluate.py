@@ -10,8 +10,9 @@
 
 Long loops show a progress bar; the last line on stdout is a JSON object
 with the results. On a CPU, `nll` and `sample` cut every batch into one part
-per core (`--inference_shards`, `nvae_tf.fast.inference_shards`): the same numbers,
-1.1-1.4x faster than TensorFlow's default threading on 2 cores. Both trace
+per core (`--inference_shards`, `nvae_tf.fast.inference_shards`): the same
+numbers, faster than TensorFlow's default threading (docs/performance.md).
+Both trace
 their function with the loaded weights as constants
 (`nvae_tf.fast.constant_weights`): weight-only tensors are computed once.
 

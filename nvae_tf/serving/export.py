@@ -363,8 +363,8 @@ def define_flags():
         "`sample` and `log_likelihood` hold the weights as graph constants, "
         "so that the weight-only tensors (weight-normalised kernels, folded "
         "batch norms) are computed once at load time instead of per request "
-        "(same outputs, ~7-10% faster per request on a CPU; the SavedModel "
-        "grows by two copies of the weights).")
+        "(same outputs, faster per request on a CPU: docs/performance.md; "
+        "the SavedModel grows by two copies of the weights).")
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 

@@ -108,15 +108,15 @@ class Adamax(keras.optimizers.Optimizer):
 
         The step's scalars (lr / (1 - beta_1^t) and the constants) depend on
         the step only, so they are made once per device and dtype for all
-        variables instead of once per variable: the same values, a training
-        graph ~15% smaller (faster tracing and graph optimisation, less
-        memory). `cache` lives for this one call, so eager steps never see a
+        variables instead of once per variable: the same values, a smaller
+        training graph (faster tracing and graph optimisation, less memory;
+        docs/performance.md). `cache` lives for this one call, so eager steps never see a
         stale value.
         """
         cache = {}
 
-        # Straight-line code: nothing for AutoGraph to convert, and 463-886
-        # conversions of it would cost ~1-2 s of tracing.
+        # Straight-line code: nothing for AutoGraph to convert, and it is
+        # converted once per variable, a cost in tracing time.
         @tf.autograph.experimental.do_not_convert
         def apply_grad_to_update_var(var, grad, learning_rate):
             return self._update_step(grad, var, learning_rate, cache)
