@@ -13,7 +13,7 @@ sets the threads that pair with them.
 
 The noise of the whole batch is drawn before the cut and the parts are
 concatenated in order, so a sharded call returns what the unsharded call
-returns for the same noise (tests/test_batch_shards.py). Tensors made from
+returns for the same noise (tests/fast/test_inference_shards.py). Tensors made from
 the weights alone (weight-normalised kernels, folded batch norms: methods
 marked `shared_across_shards`) are computed once per call and used by every
 part, not traced and run once per part.
