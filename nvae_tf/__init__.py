@@ -38,7 +38,11 @@ _LAZY_EXPORTS = {
 }
 _LAZY_SUBMODULES = ("convert",)
 
-__all__ = ["NVAEConfig", *_LAZY_EXPORTS, *_LAZY_SUBMODULES]
+__all__ = [
+    "NVAE", "NVAEConfig", "NVAEOutput", "NVAESample",
+    "DiscretizedLogisticMixture", "BernoulliImage", "NormalImage",
+    "image_distribution", "latent_normal", "bits_per_dim", "convert",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from nvae_tf import convert

@@ -78,6 +78,9 @@ def test_public_names():
         distributions.DiscretizedLogisticMixture
     assert nvae_tf.bits_per_dim is objectives.bits_per_dim
     assert callable(nvae_tf.convert.load_official_checkpoint)
+    # pylint: disable-next=protected-access
+    assert set(nvae_tf.__all__) == {"NVAEConfig", *nvae_tf._LAZY_EXPORTS,
+                                    *nvae_tf._LAZY_SUBMODULES}
     for name in nvae_tf.__all__:
         assert getattr(nvae_tf, name) is not None, name
     assert set(nvae_tf.__all__) <= set(dir(nvae_tf))
