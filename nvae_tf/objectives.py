@@ -265,7 +265,7 @@ def bits_per_dim(nats, num_pixels):
 
 
 def compute_loss(model, x, step, objective: ObjectiveConfig, training=True,
-                 eps=None, shards=1) -> LossResult:
+                 eps=None) -> LossResult:
     """NVAE training loss on a batch (per replica; not yet scaled).
 
     Args:
@@ -275,13 +275,12 @@ def compute_loss(model, x, step, objective: ObjectiveConfig, training=True,
       objective: the `ObjectiveConfig`.
       training: BN mode and whether the spectral power iteration advances.
       eps: optional per-group noise (see `NVAE.call`).
-      shards: batch shards of the forward pass (`NVAE.call`; same loss).
 
     Returns:
       `LossResult` with the scalar loss and a dict of scalar metrics and the
       per-group vectors `kl_per_group` [G] and `kl_gamma` [G].
     """
-    out = model(x, training=training, eps=eps, shards=shards)
+    out = model(x, training=training, eps=eps)
     beta = kl_coeff(step, objective.total_steps,
                                objective.kl_anneal_portion,
                                objective.kl_const_portion,

@@ -8,7 +8,6 @@ import math
 import keras
 import tensorflow as tf
 
-from nvae_tf.fast.inference_shards import apply, each, shared_across_shards
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
 from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.tracking import CheckpointableCollections
@@ -123,16 +122,14 @@ class InvertedResidual(keras.layers.Layer):
         self.project.build(shape)
         self.bn_out.build(_conv_shape(shape, self.filters))
 
-    HANDLES_PARTS = True  # holds batch norms
-
     def call(self, inputs, training=None):
         if not training:
             return self.inference(inputs)
-        x = each(upsample_nearest, inputs) if self.upsample else inputs
-        x = apply(self.bn_in, x, training=training)
-        x = apply(self.expand, x, training=training)
-        x = apply(self.depthwise, x, training=training)
-        return apply(self.bn_out, apply(self.project, x), training=training)
+        x = upsample_nearest(inputs) if self.upsample else inputs
+        x = self.bn_in(x, training=training)
+        x = self.expand(x, training=training)
+        x = self.depthwise(x, training=training)
+        return self.bn_out(self.project(x), training=training)
 
     def inference(self, inputs):
         """Inference mode: every BN folded into a convolution.
@@ -151,7 +148,6 @@ class InvertedResidual(keras.layers.Layer):
             *self.bn_out.inference_affine())
         return self.project.convolve(x, kernel, bias)
 
-    @shared_across_shards
     def _folded_expansion(self):
         """Kernel and bias of bn_in -> 1x1 expansion -> its BN."""
         kernel, bias = self.expand.conv.folded_kernel_and_bias(

@@ -116,7 +116,7 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
       seed: seed of the posterior noise.
       total_images: size of the dataset, for the progress bar.
       progress: show a progress bar (counts forward passes).
-      shards: batch shards of each forward (`batch_shards`; same result).
+      shards: batch shards of each forward (`inference_shards`; same result).
       constant_weights: trace with the weights as constants
         (`constant_weights`; same result, faster per pass).
 
@@ -186,14 +186,14 @@ def generate_samples(model, num_samples: int, temperature: float,
 
     Latents at `temperature`, pixels from the image distribution at t = 1
     (official `evaluate.py`), stateless noise from `seed`; `shards`: batch
-    shards of each draw (`batch_shards`; same images); `constant_weights`:
-    the model's current weights as constants (`constant_weights`; same
-    images).
+    shards of each draw (`inference_shards`; same images);
+    `constant_weights`: the model's current weights as constants
+    (`constant_weights`; same images).
     """
 
     def sample_images(n, draw_seed):
-        return model.sample(n, temperature, seed=draw_seed,
-                            shards=shards).images
+        return batch_shards.sample(model, n, shards, temperature,
+                                   seed=draw_seed).images
 
     draw = tf.function(
         with_constant_weights(model, sample_images) if constant_weights

@@ -57,6 +57,7 @@ from absl import app, flags, logging
 from nvae_tf.serving import bn_readjust
 
 from nvae_tf.serving import inference
+from nvae_tf.fast import inference_shards
 from nvae_tf.fast.constant_weights import with_constant_weights
 from nvae_tf.objectives import bits_per_dim
 
@@ -127,9 +128,9 @@ class _Signatures:
         with tf.control_dependencies(checks):
             num_samples = tf.identity(num_samples)
         # The int64 seed's two 32-bit halves form the stateless seed.
-        out = self.model.sample(num_samples, temperature,
-                                seed=tf.bitcast(seed, tf.int32),
-                                shards=self.shards)
+        out = inference_shards.sample(self.model, num_samples, self.shards,
+                                      temperature,
+                                      seed=tf.bitcast(seed, tf.int32))
         return {"images": inference.images_to_uint8(out.images)}
 
     def reconstruct(self, images):
@@ -139,9 +140,9 @@ class _Signatures:
 
     def log_likelihood(self, images):
         x = self._images(images)
-        out = self.model(x, training=False,
-                         seed=tf.constant(inference.FIXED_NOISE_SEED),
-                         shards=self.shards)
+        out = inference_shards.forward(
+            self.model, x, self.shards,
+            seed=tf.constant(inference.FIXED_NOISE_SEED))
         return {"nelbo_nats": out.nelbo,
                 "bits_per_dim": bits_per_dim(out.nelbo,
                                              self.config.num_pixels)}
@@ -237,7 +238,7 @@ def export_saved_model(model, export_dir: str,
       max_samples: largest `num_samples` the `sample` signature accepts.
       overwrite: replace an existing `export_dir`.
       inference_shards: `sample` and `log_likelihood` cut a request's batch
-        into this many parts (`batch_shards`; same outputs). Faster when
+        into this many parts (`inference_shards`; same outputs). Faster when
         the server runs 1 intra-op thread and this many inter-op threads
         (docs/serving.md); with the server's default threads it gains
         nothing.

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from nvae_tf import data
+from nvae_tf.fast import inference_shards
 
 from nvae_tf.training import checkpoints
 
@@ -160,7 +161,8 @@ def log_weights(model, x, num_samples: int, seed, shards: int = 1):
       x: float images [B, H, W, C] in [0, 1] (bit-reduced / binarised).
       num_samples: k, a Python int.
       seed: stateless seed [2] of the posterior noise.
-      shards: batch shards of the forward (`batch_shards`; same result).
+      shards: batch shards of the forward (`inference_shards`; same
+        result).
 
     Returns:
       (log_w, nelbo), both [k, B] in nats: log_w = log p(x|z) + log p(z) -
@@ -170,8 +172,8 @@ def log_weights(model, x, num_samples: int, seed, shards: int = 1):
     """
     x = tf.convert_to_tensor(x, tf.float32)
     batch_size = tf.shape(x)[0]
-    out = model(tf.tile(x, [num_samples, 1, 1, 1]), training=False,
-                seed=seed, shards=shards)
+    out = inference_shards.forward(
+        model, tf.tile(x, [num_samples, 1, 1, 1]), shards, seed=seed)
     log_w = -out.recon_loss - out.log_q + out.log_p  # [k * B]
     shape = tf.stack([num_samples, batch_size])
     return tf.reshape(log_w, shape), tf.reshape(out.nelbo, shape)

@@ -195,13 +195,6 @@ class RuntimeConfig:
         step, less memory) or `default` (TensorFlow's).
       require_checkpoint: fail if `model_dir` holds no checkpoint to resume
         (official `--cont_training`).
-      train_shards: batch shards of each replica's step (`batch_shards`):
-        the batch runs as this many parts on one single-threaded chain of
-        ops each, batch norm combining their statistics (the same step,
-        ~10% faster on a 2-core CPU, at more memory and a longer first
-        step); the evaluation batches run sharded too. 0: one per CPU core
-        on a CPU-only machine with one replica, else 1; 1 (default):
-        unsharded, TensorFlow's threads.
     """
 
     model_dir: str = "/tmp/nasvae/expr/eval-exp"
@@ -211,7 +204,6 @@ class RuntimeConfig:
     num_cpu_devices: int = 0
     grappler: str = "lean"
     require_checkpoint: bool = False
-    train_shards: int = 1
 
     def __post_init__(self):
         if not self.model_dir:
@@ -230,15 +222,6 @@ class RuntimeConfig:
                 self.num_cpu_devices < 0:
             raise ValueError(f"--num_cpu_devices={self.num_cpu_devices!r} "
                              "is invalid: expected an integer >= 0.")
-        if not isinstance(self.train_shards, int) or self.train_shards < 0:
-            raise ValueError(f"--train_shards={self.train_shards!r} is "
-                             "invalid: expected an integer >= 0 (0: one per "
-                             "CPU core).")
-        if self.train_shards > 1 and self.num_cpu_devices > 1:
-            raise ValueError(
-                f"--train_shards={self.train_shards} with --num_cpu_devices="
-                f"{self.num_cpu_devices}: both split the CPU; use one of "
-                "them.")
         if self.strategy == "one_device" and self.num_cpu_devices > 1:
             raise ValueError(
                 f"--num_cpu_devices={self.num_cpu_devices} with "

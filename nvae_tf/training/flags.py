@@ -193,14 +193,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_integer("num_cpu_devices", 0,
                      "Split the CPU into this many logical devices (to run "
                      "MirroredStrategy without GPUs).", **fv)
-    f.DEFINE_integer("train_shards", 1,
-                     "Run each step's batch as this many parts, one single-"
-                     "threaded chain of ops per CPU core (batch norm "
-                     "combines their statistics: the same step, ~10% faster "
-                     "on a 2-core CPU, +100-250 MB, a longer first step); "
-                     "0: one per core on a CPU-only machine with one "
-                     "replica, else 1; 1: unsharded, TensorFlow's threads.",
-                     **fv)
     f.DEFINE_integer("checkpoint_every_steps", 0,
                      "Checkpoint every N steps; 0: every epoch.", **fv)
     f.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.", **fv)
@@ -349,8 +341,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
             model_dir=model_dir, strategy=fv.strategy,
             mixed_precision=fv.mixed_precision, jit_compile=fv.jit_compile,
             num_cpu_devices=fv.num_cpu_devices, grappler=fv.grappler,
-            require_checkpoint=fv.cont_training,
-            train_shards=fv.train_shards)
+            require_checkpoint=fv.cont_training)
         data_config = data_lib.DataConfig.from_model_config(
             model_config, batch_size=fv.batch_size, seed=fv.seed,
             data_dir=fv.data_dir, shuffle_buffer=fv.shuffle_buffer,

@@ -23,7 +23,6 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from nvae_tf.fast import inference_shards as batch_shards
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
 from nvae_tf.training import flags as nvae_flags
@@ -41,22 +40,6 @@ def _cluster_size() -> int:
     except json.JSONDecodeError as err:
         raise nvae_flags.FlagError(f"TF_CONFIG is not valid JSON: {err}")
     return sum(len(tasks) for tasks in cluster.values())
-
-
-def resolve_train_shards(runtime):
-    """`runtime` with `train_shards` resolved; sets the threads they need.
-
-    `train_shards=0` means one shard per CPU core on a CPU-only machine
-    running one replica, else 1. Must run before any other TensorFlow op.
-    """
-    shards = runtime.train_shards
-    if shards == batch_shards.AUTO:
-        several = (tf.config.list_physical_devices("GPU") or
-                   runtime.num_cpu_devices > 1 or _cluster_size() > 1)
-        shards = 1 if several else batch_shards.default_shards()
-    batch_shards.configure_shard_threads(shards)
-    logging.info("Training shards: %d.", shards)
-    return dataclasses.replace(runtime, train_shards=shards)
 
 
 def make_strategy(runtime):
@@ -211,7 +194,6 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         *configs, runtime = nvae_flags.from_flags(FLAGS)
-        runtime = resolve_train_shards(runtime)
         strategy = make_strategy(runtime)
         run(*configs, runtime, strategy)
     except nvae_flags.FlagError as err:

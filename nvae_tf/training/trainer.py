@@ -132,10 +132,6 @@ class Trainer:
         self.is_chief = bool(strategy.extended.should_checkpoint)
         self.num_replicas = strategy.num_replicas_in_sync
         self.float16 = runtime.mixed_precision == "float16"
-        # Batch shards of the step and of evaluation; 0 (one per core) is
-        # resolved with the threads by `train.resolve_train_shards`; a
-        # trainer built without it runs unsharded.
-        self.train_shards = max(runtime.train_shards, 1)
         # Grappler passes of every function this thread calls from now on;
         # after the strategy's tf.config calls (which reset them), before
         # the first call (which optimises the graph).
@@ -202,8 +198,7 @@ class Trainer:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             result = compute_loss(self.model, x, step, self.objective,
-                                  training=True, eps=eps,
-                                  shards=self.train_shards)
+                                  training=True, eps=eps)
             loss = result.loss
             inject_at = self.train.debug_inject_nan_at_step
             if inject_at >= 0:
@@ -321,8 +316,7 @@ class Trainer:
                        ctx.replica_id_in_sync_group)
 
         def forward():
-            out = self.model(x, training=False, seed=seed,
-                             shards=self.train_shards)
+            out = self.model(x, training=False, seed=seed)
             return [tf.reduce_sum(out.nelbo), tf.reduce_sum(out.recon_loss),
                     tf.reduce_sum(tf.add_n(out.kl_per_group))]
 

@@ -46,15 +46,13 @@ def test_run_length_arithmetic():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 6-step run: 2 epochs of 3 steps, checkpoints every 2 steps; the
-    batches as one shard per core (`--train_shards=0`)."""
+    """A 6-step run: 2 epochs of 3 steps, checkpoints every 2 steps."""
     base = tmp_path_factory.mktemp("tiny")
     data = train_helpers.make_image_folder(str(base / "images"))
     model_dir = str(base / "run")
     proc = train_helpers.run_train(
         *train_helpers.TINY_FLAGS, f"--data_dir={data}",
         f"--model_dir={model_dir}", "--steps_per_epoch=3",
-        "--train_shards=0",
         "--checkpoint_every_steps=2", "--keep_checkpoints=10",
         f"--export_dir_base={base / 'saved_models'}")
     return model_dir, proc.stderr, data
@@ -70,9 +68,6 @@ def test_run_writes_config_checkpoints_and_final_line(tiny_run):
     assert sections["objective"]["total_steps"] == 6  # resolved
     assert sections["model"]["num_channels_enc"] == 4
     assert sections["runtime"]["grappler"] == "lean"  # the default
-    from nvae_tf.fast import inference_shards as batch_shards
-    assert sections["runtime"]["train_shards"] == \
-        batch_shards.default_shards()  # resolved
     steps = sorted(train_helpers.checkpoint_step(p) for p in
                    tf.train.get_checkpoint_state(os.path.join(
                        model_dir, "checkpoints")).all_model_checkpoint_paths)
@@ -219,25 +214,3 @@ def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
     for variable, a, b in zip(tr.model.trainable_variables, lean_grads, grads):
         scale = max(float(np.abs(b).max()), 1e-12)
         assert float(np.abs(a - b).max()) <= 1e-6 * scale, variable.path
-
-
-def test_training_shards_give_the_trainer_the_same_loss_and_gradients(
-        tmp_path):
-    """`--train_shards=2` vs unsharded: the same step-0 loss and gradients
-    (the batch norms combine the parts' statistics)."""
-    from nvae_tf.training import main as train
-    configs = _tiny_configs(tmp_path)
-    assert configs[-1].train_shards == 1
-    tr, _ = train.build_trainer(*configs, train.make_strategy(configs[-1]))
-    assert tr.train_shards == 1
-    loss, grads = _replica_loss_and_grads(tr)
-    tr.train_shards = 2  # as --train_shards=2 (threads aside)
-    sharded_loss, sharded_grads = _replica_loss_and_grads(tr)
-    assert np.isfinite(loss)
-    np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)
-    overall = max(float(np.abs(g).max()) for g in grads)
-    for variable, a, b in zip(tr.model.trainable_variables, sharded_grads,
-                              grads):
-        err = float(np.abs(a - b).max())
-        assert err <= 1e-4 * float(np.abs(b).max()) + 1e-7 * overall, \
-            variable.path
