@@ -54,6 +54,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
+from nvae_tf import flagfiles
 from nvae_tf.serving import bn_readjust
 
 from nvae_tf.serving import inference
@@ -392,7 +393,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.export`."""
     define_flags()
-    app.run(main)
+    app.run(main, argv=flagfiles.command_line())
 
 
 if __name__ == "__main__":
