@@ -8,13 +8,15 @@
 `quickstart.cfg` or `configs/quickstart.cfg`, the path the repository's
 README uses) is the flagfile packaged in `nvae_tf/configs/`. Every command's
 `cli()` passes its argv through `resolve_flagfile_args` before absl parses
-it.
+it, and names the modules whose flags `--help` lists.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from absl import flags
 
 FLAGFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             "configs")
@@ -91,9 +93,19 @@ def resolve_flagfile_args(argv: list[str]) -> list[str]:
     return resolved
 
 
-def command_line() -> list[str]:
-    """`sys.argv` with its flagfiles resolved, for `absl.app.run(argv=...)`;
-    exits with a one-line error when a flagfile does not exist."""
+def command_line(*help_modules) -> list[str]:
+    """`sys.argv` with its flagfiles resolved, for `absl.app.run(argv=...)`.
+
+    Exits with a one-line error when a flagfile does not exist.
+
+    Args:
+      *help_modules: modules (or names) whose flags `--help` lists. absl's
+        `--help` lists the flags of the program's main module, which for a
+        console script or a `python -m` shim defines none.
+    """
+    for module in help_modules:
+        for flag in flags.FLAGS.get_key_flags_for_module(module):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     try:
         return resolve_flagfile_args(sys.argv)
     except FlagfileError as err:

@@ -1,6 +1,7 @@
 """Packaged flagfiles: `--flagfile=NAME` from any directory."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -102,3 +103,12 @@ def test_cli_unknown_flagfile_is_a_one_line_error(tmp_path):
                     "nor a packaged flagfile; give a path or one of: " +
                     ", ".join(PRESETS) + ".")
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_lists_the_trainer_flags(tmp_path):
+    # absl's --help prints the main module's flags and exits with status 1.
+    proc = _run_train(tmp_path, "--help")
+    listed = set(re.findall(r"^  --(?:\[no\])?(\w+)", proc.stdout, re.M))
+    assert {"num_latent_scales", "batch_size", "max_steps",
+            "model_dir"} <= listed
+    assert len(listed) > 50

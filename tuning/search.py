@@ -157,7 +157,7 @@ def main(argv):
 def cli():
     """Entry point of `nvae-tune` and `python -m tuning.search`."""
     nvae_flags.define_flags()
-    app.run(main, argv=flagfiles.command_line())
+    app.run(main, argv=flagfiles.command_line(__name__, nvae_flags))
 
 
 if __name__ == "__main__":

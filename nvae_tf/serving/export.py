@@ -404,7 +404,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.export`."""
     define_flags()
-    app.run(main, argv=flagfiles.command_line())
+    app.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

@@ -222,8 +222,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.train`."""
     nvae_flags.define_flags()
-    flags.adopt_module_key_flags(nvae_flags)  # listed by --help
-    app.run(main, argv=flagfiles.command_line())
+    app.run(main, argv=flagfiles.command_line(nvae_flags))
 
 
 if __name__ == "__main__":
