@@ -233,6 +233,26 @@ class FactorizedReduce(CheckpointableCollections, keras.layers.Layer):
         return config
 
 
+def resize_bilinear_align_corners(images, size):
+    """Bilinear resize with the corner pixels' centres aligned (float32).
+
+    NVAE up-samples with PyTorch's `align_corners=True`, which `tf.image.resize`
+    does not offer (it samples at half-pixel centres). The ResizeBilinear op
+    with `align_corners=True` computes exactly that and is what the
+    deprecated `tf.compat.v1.image.resize_bilinear` ran.
+
+    Args:
+      images: [B, H, W, C] float tensor.
+      size: int32 [2], the output height and width.
+
+    Returns:
+      [B, size[0], size[1], C] float32.
+    """
+    return tf.raw_ops.ResizeBilinear(images=images, size=size,
+                                     align_corners=True,
+                                     half_pixel_centers=False)
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class UpsampleSkip(keras.layers.Layer):
     """Up-sampling skip: bilinear x2 (align_corners=True), 1x1 conv, no bias."""
@@ -254,8 +274,7 @@ class UpsampleSkip(keras.layers.Layer):
         # first works on a quarter of the pixels and resizes fewer channels.
         y = self.conv(inputs)
         size = tf.shape(inputs)[1:3] * 2
-        up = tf.compat.v1.image.resize_bilinear(y, size, align_corners=True)
-        return tf.cast(up, y.dtype)
+        return tf.cast(resize_bilinear_align_corners(y, size), y.dtype)
 
     def compute_output_shape(self, input_shape):
         return _conv_shape(input_shape, self.filters, 2.0)

@@ -51,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
+from nvae_tf import flagfiles
 from nvae_tf.fast import inference_shards as batch_shards
 
 from nvae_tf.serving import bn_readjust
@@ -414,7 +415,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.evaluate`."""
     define_flags()
-    app.run(main)
+    app.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
+from nvae_tf import flagfiles
 from nvae_tf.serving import bn_readjust
 
 from nvae_tf.serving import inference
@@ -67,6 +68,8 @@ METADATA_FILE = os.path.join("assets.extra", "nvae_tf_export.json")
 SIGNATURES = ("sample", "reconstruct", "log_likelihood", "encode", "decode")
 # The signatures that `inference_shards` and `constant_weights` speed up.
 FAST_SIGNATURES = ("sample", "log_likelihood")
+# Argument names of the weights a signature captures (see `_traced`).
+CAPTURED_INPUT_PREFIX = "captured_"
 
 
 def latent_name(k: int) -> str:
@@ -190,11 +193,20 @@ def _traced(fn, input_signature):
     only calls the concrete function traced here: its retrace re-emits that
     call instead of re-running the model code, which keeps the export fast
     and keeps what was traced in a context (`traced_with_statistics`).
+
+    The wrapper captures the traced function's weights (its captured
+    inputs) under valid argument names, `captured_NNNN`. Left to itself, a
+    call of a traced function inside another captures them under numeric
+    ids, which SavedModel signatures cannot use: the save then renames every
+    one of them and logs each renaming (thousands of names per signature).
     """
     concrete = tf.function(fn, input_signature=input_signature,
                            autograph=False).get_concrete_function()
 
     def call_traced(*args):
+        graph = tf.compat.v1.get_default_graph()
+        for k, value in enumerate(concrete.captured_inputs):
+            graph.capture(value, name=f"{CAPTURED_INPUT_PREFIX}{k:04d}")
         return concrete(*args)
 
     function = tf.function(call_traced, input_signature=input_signature,
@@ -393,7 +405,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.export`."""
     define_flags()
-    app.run(main)
+    app.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

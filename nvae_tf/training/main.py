@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from nvae_tf import flagfiles
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
 from nvae_tf.training import flags as nvae_flags
@@ -203,8 +204,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.train`."""
     nvae_flags.define_flags()
-    flags.adopt_module_key_flags(nvae_flags)  # listed by --help
-    app.run(main)
+    app.run(main, argv=flagfiles.command_line(nvae_flags))
 
 
 if __name__ == "__main__":
