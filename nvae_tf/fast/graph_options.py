@@ -1,8 +1,9 @@
 """Grappler passes for the `tf.function`s of training and the benchmark.
 
-`GRAPPLER["lean"]` (the default of `python -m nvae_tf.train` and of
-`python -m benchmarks.bench`, flag `--grappler`) drops the passes that cost
-setup time and memory but do nothing for these graphs on a CPU: the memory
+`GRAPPLER["lean"]` (the default of `python -m nvae_tf.train` on a CPU-only
+host and of `python -m benchmarks.bench`, flag `--grappler`) drops the
+passes that cost setup time and memory but do nothing for these graphs on a
+CPU: the memory
 optimiser (2-3 s per mnist-small train step graph, +470 nodes, more peak
 RSS), the TFG (MLIR) passes, layout (NHWC already), loop and implementation
 selection (no loops or function alternatives). Pruning, common-subgraph
@@ -14,7 +15,12 @@ cost step time (one iteration: +4% train CPU) or RSS (no constant folding:
 32): first call CPU 38.2 -> 30.1 s, peak RSS 2499 -> 2107 MB, step CPU
 0.783 -> 0.726 s (bench, first call of its train step: mnist-small 14.9 ->
 9.1 s, cifar-small 28.7 -> 21.0 s); loss and gradients are unchanged
-(tests/test_train.py, tests/test_bench.py). `GRAPPLER["default"]` is TensorFlow's own passes.
+(tests/training/test_main.py, tests/benchmarks/test_bench.py).
+`GRAPPLER["default"]` is TensorFlow's own passes. On a GPU the layout
+optimiser (NCHW kernels) and the memory optimiser (swapping and
+recomputation that let large NVAE graphs fit in device memory) do matter, so
+the trainer's `--grappler=auto` (`resolve_grappler`) keeps TensorFlow's
+passes whenever a GPU or TPU is visible.
 
 `tf.config.optimizer.set_experimental_options` cannot set
 `memory_optimization` nor `disable_tfg_optimizer`, so `set_grappler_options`
@@ -24,6 +30,8 @@ lacks it or the fields, a warning is logged and TF's defaults stay.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from absl import logging
 
@@ -36,6 +44,38 @@ GRAPPLER = {
              "loop_optimization": "OFF",
              "implementation_selector": "OFF"},
 }
+AUTO = "auto"  # lean on CPU-only hosts, TensorFlow's passes on accelerators
+GRAPPLER_CHOICES = (AUTO, *GRAPPLER)
+ACCELERATOR_DEVICE_TYPES = ("GPU", "TPU")
+
+
+def resolve_grappler(name: str,
+                     device_types: Sequence[str] | None = None) -> str:
+    """The `GRAPPLER` preset that `name` (a `GRAPPLER_CHOICES` value) means.
+
+    `auto` is `lean` when no GPU or TPU is visible and `default` otherwise;
+    any other name is itself.
+
+    Args:
+      name: `auto`, `lean` or `default`.
+      device_types: the visible physical device types (e.g. `["CPU",
+        "GPU"]`); None lists them with `tf.config.list_physical_devices`.
+
+    Returns:
+      A key of `GRAPPLER`.
+    """
+    if name != AUTO:
+        if name not in GRAPPLER:
+            raise ValueError(f"`name` must be one of {GRAPPLER_CHOICES}. "
+                             f"Received: name={name!r}")
+        return name
+    if device_types is None:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        device_types = [d.device_type
+                        for d in tf.config.list_physical_devices()]
+    if any(t in ACCELERATOR_DEVICE_TYPES for t in device_types):
+        return "default"
+    return "lean"
 
 
 def set_grappler_options(options: dict) -> bool:

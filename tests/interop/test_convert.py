@@ -81,9 +81,10 @@ def test_old_checkpoint_args_get_official_defaults(official):
 def test_cli_writes_a_model_directory_that_reloads(tmp_path, official):
     model_dir = str(tmp_path / "converted")
     convert.main([f"--checkpoint={BINARY}", f"--model_dir={model_dir}"])
-    config, sections = checkpoints.read_config(model_dir)
-    assert sections["source"] == BINARY
-    assert config == convert.config_from_args(official["args"])
+    assert checkpoints.read_sections(model_dir)["source"] == BINARY
+    experiment = checkpoints.read_config(model_dir)
+    assert experiment.model == convert.config_from_args(official["args"])
+    assert experiment.run is None  # not trained here
     reloaded = checkpoints.load_model_dir(model_dir)
     arrays = np.load(BINARY.replace(".pt", ".npz"))
     eps = [arrays[k] for k in sorted(arrays.files)
