@@ -16,9 +16,9 @@ section 8 and runs on whole batches:
    x = floor(255 x / 2^(8 - bits)) / (2^bits - 1).
 
 Randomness is stateless: shuffling, flips and binarisation are seeded from
-the `seed` of `make_datasets`, and a per-batch seed stream (`tf.data.Dataset.random` with
-`rerandomize_each_iteration=True`) changes at every pass, so a rebuilt
-pipeline with the same seed (and the same TF global seed, which
+the `seed` of `make_datasets`, and a per-batch seed stream
+(`tf.data.Dataset.random` with `rerandomize_each_iteration=True`) changes
+at every pass, so a rebuilt pipeline with the same seed (and the same TF global seed, which
 `keras.utils.set_random_seed` sets) yields the same batches, epoch by epoch.
 
 Sources:

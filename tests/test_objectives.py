@@ -344,7 +344,8 @@ def test_compute_loss_in_tf_function_matches_eager(model, batch, regime):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(total_steps=0), "^total_steps: 0 is invalid"),
     (dict(kl_anneal_portion=1.5), "^kl_anneal_portion: 1.5 is invalid"),
-    (dict(kl_anneal_portion=0.0), r"^kl_anneal_portion: 0.0 is invalid.*\(0, 1\]"),
+    (dict(kl_anneal_portion=0.0),
+     r"^kl_anneal_portion: 0.0 is invalid.*\(0, 1\]"),
     (dict(kl_const_portion=-0.1), "^kl_const_portion: -0.1 is invalid"),
     (dict(kl_const_coeff=2.0), "^kl_const_coeff: 2.0 is invalid"),
     (dict(weight_decay_norm=-1e-2), "^weight_decay_norm: -0.01 is invalid"),

@@ -161,8 +161,6 @@ def test_chief_and_two_workers_complete_a_search(tmp_path, image_dir):
 
 def test_trial_flags_round_trip_through_the_trainer_flags():
     """A sampled architecture written as flags parses back to itself."""
-    import dataclasses
-
     import keras_tuner as kt
     from absl import flags
 

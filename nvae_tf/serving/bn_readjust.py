@@ -243,8 +243,8 @@ def traced_with_statistics(model, statistics: dict):
         for bn in model.batchnorm_layers():
             for name in _STAT_NAMES:
                 original = getattr(bn, name)
-                value = np.asarray(statistics[checkpoints.variable_key(original)],
-                                   np.float32)
+                key = checkpoints.variable_key(original)
+                value = np.asarray(statistics[key], np.float32)
                 replacement = tf.Variable(
                     value, trainable=False,
                     name=f"readjusted_{name}")
