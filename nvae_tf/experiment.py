@@ -48,10 +48,13 @@ def build_section(name: str, cls, values: dict[str, Any]):
         raise err.within(name) from None
 
 
+# The data section's own settings (the rest is implied by the model).
+_DATA_SETTINGS = tuple(f.name for f in dataclasses.fields(DataConfig)
+                       if f.name not in MODEL_IMPLIED_FIELDS)
+
+
 def _data_settings(data: DataConfig) -> dict[str, Any]:
-    """The data section's own settings (not implied by the model)."""
-    return {k: v for k, v in dataclasses.asdict(data).items()
-            if k not in MODEL_IMPLIED_FIELDS}
+    return {name: getattr(data, name) for name in _DATA_SETTINGS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,11 @@ class ExperimentConfig:
         """The experiment of `model`: the data it implies (with the
         settings of a `data` dict, if given) and default other sections."""
         settings = sections.pop("data", {})
+        unknown = sorted(set(settings) - set(_DATA_SETTINGS))
+        if unknown:
+            raise ConfigError("data", f"unknown or model-implied fields "
+                              f"{unknown}; the data section sets "
+                              f"{', '.join(_DATA_SETTINGS)}.")
         try:
             data = DataConfig.from_model_config(model, **settings)
         except ConfigError as err:

@@ -73,6 +73,7 @@ def test_resolved_grappler_follows_the_devices(monkeypatch):
     (dict(objective={"kl_const_coeff": 2.0}), "objective.kl_const_coeff"),
     (dict(model={"num_channels_enc": 0}), "model.num_channels_enc"),
     (dict(train={"epoch": 3}), "train"),  # unknown field
+    (dict(data={"dataset": "mnist"}), "data"),  # the model's fact
 ])
 def test_errors_carry_the_field_path(sections, field):
     values = json.loads(_experiment().to_json())
