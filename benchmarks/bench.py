@@ -150,8 +150,8 @@ def _config_from_flagfile(path: str):
     values = absl_flags.FlagValues()
     nvae_flags.define_flags(values)
     values(["benchmarks.bench", f"--flagfile={path}"])
-    model_config, data_config, objective, _, _ = nvae_flags.from_flags(values)
-    return model_config, data_config.batch_size, objective
+    experiment = nvae_flags.from_flags(values)
+    return experiment.model, experiment.data.batch_size, experiment.objective
 
 
 # ------------------------------------------------------------------- worker

@@ -16,7 +16,8 @@ import tensorflow as tf
 from nvae_tf import distributions
 from nvae_tf import latents
 from nvae_tf.layers.spectral import SpectralRegularizer
-from nvae_tf.config import MNIST_PAD, NVAEConfig
+from nvae_tf.config import NVAEConfig
+from nvae_tf.datasets import MNIST_PAD
 from nvae_tf.layers.cells import ResidualCell
 from nvae_tf.layers.combiners import DecoderCombinerCell, EncoderCombinerCell
 from nvae_tf.layers.conv import WeightNormConv2D
@@ -76,9 +77,11 @@ class NVAE(CheckpointableCollections, keras.Model):
       config: the architecture (`NVAEConfig` or its dict).
       seed: seed of the latent noise; the noise also depends on a step counter
         kept in a (checkpointed) variable and on the replica id.
+      sync_batchnorm: batch statistics over all replicas, as the official
+        SyncBatchNorm (a runtime choice, `RuntimeConfig.sync_batchnorm`).
     """
 
-    def __init__(self, config, seed=0, **kwargs):
+    def __init__(self, config, seed=0, sync_batchnorm=True, **kwargs):
         # Inputs are not autocast: pixel values k/255 must reach the
         # likelihood exactly, also under a mixed-precision policy.
         kwargs.setdefault("autocast", False)
@@ -89,8 +92,9 @@ class NVAE(CheckpointableCollections, keras.Model):
             raise TypeError(f"config must be an NVAEConfig, got {config!r}.")
         self.config = config
         self.seed = int(seed)
+        self.sync_batchnorm = bool(sync_batchnorm)
         c = config
-        sync = c.sync_batchnorm
+        sync = self.sync_batchnorm
         kw = dict(dtype=self.dtype_policy)
 
         def cell(cell_type, filters, name):
@@ -553,4 +557,4 @@ class NVAE(CheckpointableCollections, keras.Model):
 
     def get_config(self):
         return {"config": self.config.to_dict(), "seed": self.seed,
-                "name": self.name}
+                "sync_batchnorm": self.sync_batchnorm, "name": self.name}

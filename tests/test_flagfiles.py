@@ -91,7 +91,7 @@ def test_cli_reads_a_preset_by_name_from_another_directory(tmp_path):
     proc = _run_train(tmp_path, "--flagfile=quickstart",
                       f"--model_dir={tmp_path / 'run'}", "--warmup_epochs=3")
     assert proc.returncode != 0
-    assert "--warmup_epochs=3 is invalid" in proc.stderr
+    assert "--warmup_epochs: 3 is invalid" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 

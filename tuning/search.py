@@ -133,7 +133,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        base_config = nvae_flags.from_flags(FLAGS)[0]
+        base_config = nvae_flags.from_flags(FLAGS).model
         space = space_lib.load_space(FLAGS.search_space)
     except ValueError as err:
         raise app.UsageError(str(err)) from err

@@ -40,6 +40,7 @@ density of 8-bit pixels, each bin's mass spread evenly over its 8-bit values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,14 +61,13 @@ from nvae_tf.serving import images
 
 from nvae_tf.serving import inference
 from nvae_tf.fast.constant_weights import with_constant_weights
-from nvae_tf.data import DataConfig, make_datasets
+from nvae_tf.data import make_datasets
+from nvae_tf.datasets import SOURCE_BITS
 from nvae_tf.objectives import bits_per_dim
 
 # Modes whose batches run as batch shards (`--inference_shards`).
 SHARDED_MODES = ("nll", "sample")
 
-SOURCE_BITS = 8
-DEFAULT_BATCH_SIZE = 32  # when neither the flag nor config.json sets one
 MODES = ("nll", "sample", "reconstruct", "interpolate")
 
 
@@ -251,8 +251,9 @@ def define_flags():
                         "Data location; default: config.json's, else the "
                         "dataset's default.")
     flags.DEFINE_integer("batch_size", 0,
-                         "Images per batch; 0: config.json's batch size (the "
-                         f"official default), else {DEFAULT_BATCH_SIZE}.")
+                         "Images per batch; 0: config.json's batch size "
+                         "(the data section's default for a converted "
+                         "official checkpoint).")
     flags.DEFINE_integer("seed", 1, "Seed of every random draw.")
     flags.DEFINE_integer("num_iw_samples", 1000,
                          "nll: importance samples per image (official 1000).")
@@ -299,22 +300,14 @@ def define_flags():
     flags.mark_flag_as_required("model_dir")
 
 
-def _section_value(sections, key):
-    for name in ("data", "train"):
-        value = sections.get(name, {})
-        if isinstance(value, dict) and value.get(key) is not None:
-            return value[key]
-    return None
-
-
-def _eval_dataset(config, sections):
-    batch_size = FLAGS.batch_size or _section_value(
-        sections, "batch_size") or DEFAULT_BATCH_SIZE
-    data_dir = FLAGS.data_dir or _section_value(sections, "data_dir")
-    data_config = DataConfig.from_model_config(
-        config, batch_size=int(batch_size), seed=FLAGS.seed,
-        data_dir=data_dir)
-    _, eval_ds, info = make_datasets(data_config)
+def _eval_dataset(experiment):
+    """The evaluation split of the model directory's data section, with
+    --batch_size and --data_dir if given."""
+    data_config = experiment.data
+    data_config = dataclasses.replace(
+        data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
+        data_dir=FLAGS.data_dir or data_config.data_dir)
+    _, eval_ds, info = make_datasets(data_config, seed=FLAGS.seed)
     return eval_ds, info
 
 
@@ -326,7 +319,7 @@ def _output(default_name):
 
 def run_nll(loaded):
     model = loaded.model
-    eval_ds, info = _eval_dataset(model.config, loaded.sections)
+    eval_ds, info = _eval_dataset(loaded.experiment)
     result = importance_weighted_nll(
         model, eval_ds, FLAGS.num_iw_samples, FLAGS.iw_samples_per_pass,
         max_images=FLAGS.max_images or None, seed=FLAGS.seed,
@@ -367,7 +360,7 @@ def run_sample(loaded):
 
 def run_reconstruct(loaded):
     model = loaded.model
-    eval_ds, _ = _eval_dataset(model.config, loaded.sections)
+    eval_ds, _ = _eval_dataset(loaded.experiment)
     x = take_images(eval_ds, FLAGS.num_images)
     recon = inference.reconstruct(model, x).numpy()
     columns = FLAGS.grid_columns or min(8, len(x))
@@ -379,7 +372,7 @@ def run_reconstruct(loaded):
 
 def run_interpolate(loaded):
     model = loaded.model
-    eval_ds, _ = _eval_dataset(model.config, loaded.sections)
+    eval_ds, _ = _eval_dataset(loaded.experiment)
     x = take_images(eval_ds, 2 * FLAGS.num_pairs)
     x_start, x_end = x[0::2], x[1::2]
     paths = inference.interpolate(model, x_start, x_end,

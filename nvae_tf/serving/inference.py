@@ -22,11 +22,11 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from nvae_tf import data
+from nvae_tf.datasets import MAX_PIXEL
 from nvae_tf.fast import inference_shards
 
 from nvae_tf.training import checkpoints
 
-MAX_PIXEL = 255
 # Binary models (MNIST, Omniglot) see {0, 1} pixels. Training binarises
 # stochastically; inference on given uint8 images thresholds at mid-grey so
 # that the same image always gets the same score.
@@ -39,7 +39,7 @@ class LoadedModel(NamedTuple):
     """A model directory's model and where its weights came from."""
 
     model: object  # nvae_tf.model.NVAE
-    sections: dict  # all of config.json
+    experiment: object  # nvae_tf.experiment.ExperimentConfig of config.json
     checkpoint_path: str
 
     @property
@@ -54,14 +54,14 @@ def load_model(model_dir: str, checkpoint: str | None = None) -> LoadedModel:
     Raises:
       FileNotFoundError: not a model directory, or no checkpoint in it.
     """
-    _, sections = checkpoints.read_config(model_dir)
-    path = checkpoint or tf.train.latest_checkpoint(
-        os.path.join(model_dir, checkpoints.CHECKPOINT_SUBDIR))
+    experiment = checkpoints.read_config(model_dir)
+    path = checkpoint or checkpoints.latest_checkpoint(model_dir)
     if path is None:
         raise FileNotFoundError(
             f"No checkpoint in {model_dir}/{checkpoints.CHECKPOINT_SUBDIR}.")
     model = checkpoints.load_model_dir(model_dir, checkpoint_path=path)
-    return LoadedModel(model=model, sections=sections, checkpoint_path=path)
+    return LoadedModel(model=model, experiment=experiment,
+                       checkpoint_path=path)
 
 
 # ------------------------------------------------------------------ pixels

@@ -25,9 +25,6 @@ the last checkpoint is restored and the learning rate multiplied by
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
 import os
 import time
 
@@ -95,39 +92,23 @@ def latent_noise(latent_shapes, seed, replica_id, num_replicas):
     return noise
 
 
-@dataclasses.dataclass(frozen=True)
-class RunLength:
-    """Step counts of a run (see `nvae_tf.training.config`)."""
-
-    batches_per_pass: int
-    steps_per_epoch: int
-    total_steps: int
-    schedule_epochs: int
-
-    @property
-    def num_epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-
 class Trainer:
     """Builds the model, optimizer and state in `strategy` and trains.
 
     Args:
-      model_config, data_config, objective, train, runtime: the config
-        sections (`objective.total_steps` resolved).
+      experiment: the `ExperimentConfig`, resolved (its `run` set).
       strategy: the `tf.distribute.Strategy`.
-      length: the run's `RunLength`.
     """
 
-    def __init__(self, model_config, data_config, objective, train, runtime,
-                 strategy, length: RunLength):
-        self.model_config = model_config
-        self.data_config = data_config
-        self.objective = objective
-        self.train = train
-        self.runtime = runtime
+    def __init__(self, experiment, strategy):
+        self.experiment = experiment
+        self.model_config = model_config = experiment.model
+        self.data_config = experiment.data
+        self.objective = experiment.objective
+        self.train = train = experiment.train
+        self.runtime = runtime = experiment.runtime
         self.strategy = strategy
-        self.length = length
+        self.length = length = experiment.run
         self.model_dir = runtime.model_dir
         self.is_chief = bool(strategy.extended.should_checkpoint)
         self.num_replicas = strategy.num_replicas_in_sync
@@ -135,10 +116,11 @@ class Trainer:
         # Grappler passes of every function this thread calls from now on;
         # after the strategy's tf.config calls (which reset them), before
         # the first call (which optimises the graph).
-        graph_options.set_grappler_options(
-            graph_options.GRAPPLER[runtime.grappler])
+        graph_options.set_grappler_options(graph_options.GRAPPLER[
+            graph_options.resolve_grappler(runtime.grappler)])
         with strategy.scope():
-            self.model = NVAE(model_config, seed=train.seed)
+            self.model = NVAE(model_config, seed=train.seed,
+                              sync_batchnorm=runtime.sync_batchnorm)
             self.model.build()
             self.schedule = WarmupCosineSchedule(
                 train.learning_rate, train.learning_rate_min,
@@ -289,17 +271,16 @@ class Trainer:
         the batch of every step is a function of (seed, step).
         """
         pass_index, offset = divmod(step, self.length.batches_per_pass)
-        config = dataclasses.replace(
-            self.data_config, seed=pass_seed(self.data_config.seed,
-                                             pass_index))
-        train_ds, _, _ = data_lib.make_datasets(config)
+        train_ds, _, _ = data_lib.make_datasets(
+            self.data_config, seed=pass_seed(self.train.seed, pass_index))
         if offset:
             train_ds = train_ds.skip(offset)
         return iter(self.strategy.experimental_distribute_dataset(train_ds))
 
     def _eval_dataset(self):
         # Rebuilt each time: the same images and binarisation every time.
-        return data_lib.make_datasets(self.data_config)[1]
+        return data_lib.make_datasets(self.data_config,
+                                      seed=self.train.seed)[1]
 
     def _fixed_images(self):
         """The first test images, shown with their reconstructions."""
@@ -363,8 +344,7 @@ class Trainer:
     # --------------------------------------------------------- checkpoints
     def restore_or_initialize(self) -> int:
         """Resumes from model_dir's latest checkpoint or saves step 0."""
-        latest = tf.train.latest_checkpoint(os.path.join(
-            self.model_dir, checkpoints.CHECKPOINT_SUBDIR))
+        latest = checkpoints.latest_checkpoint(self.model_dir)
         if latest is None:
             if self.runtime.require_checkpoint:
                 raise FileNotFoundError(
@@ -419,8 +399,7 @@ class Trainer:
             self.train.nan_lr_factor
         skipped = int(self.skipped_steps.numpy())
         failed_at = int(self.step.numpy())
-        latest = tf.train.latest_checkpoint(os.path.join(
-            self.model_dir, checkpoints.CHECKPOINT_SUBDIR))
+        latest = checkpoints.latest_checkpoint(self.model_dir)
         self._restore(latest)
         with self.strategy.scope():
             self.nan_recoveries.assign(recoveries)
@@ -476,7 +455,4 @@ class Trainer:
 
     def weights_fingerprint(self) -> str:
         """SHA-256 prefix of all model weights (equal on every worker)."""
-        digest = hashlib.sha256()
-        for value in self.model.get_weights():
-            digest.update(np.ascontiguousarray(value).tobytes())
-        return digest.hexdigest()[:16]
+        return checkpoints.weights_fingerprint(self.model.weights)[:16]
