@@ -265,7 +265,8 @@ def define_flags():
         "inference_shards", batch_shards.AUTO,
         "nll/sample: cut every batch into this many parts that run on their "
         "own core (1 intra-op thread, this many inter-op threads; same "
-        "results). 0: one per CPU core; 1: off (TensorFlow's threads).",
+        "results). 0: one per CPU core on a CPU-only host, 1 where a GPU or "
+        "TPU is visible; 1: off (TensorFlow's threads).",
         lower_bound=0)
     flags.DEFINE_bool(
         "constant_weights", True,
