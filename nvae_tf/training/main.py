@@ -164,11 +164,7 @@ def build_trainer(model_config, data_config, objective, train, runtime,
             f"--batch_size={train.batch_size} is not divisible by the "
             f"{replicas} replicas of the strategy.")
     _, _, info = data_lib.make_datasets(data_config)  # fails fast if absent
-    length = trainer_lib.RunLength(
-        batches_per_pass=info.steps_per_epoch,
-        steps_per_epoch=train.steps_per_epoch_resolved(info.steps_per_epoch),
-        total_steps=train.total_steps(info.steps_per_epoch),
-        schedule_epochs=train.schedule_epochs(info.steps_per_epoch))
+    length = trainer_lib.RunLength.of(train, info.steps_per_epoch)
     objective = dataclasses.replace(objective,
                                     total_steps=length.total_steps)
     check_resume_compatible(runtime.model_dir, model_config)
