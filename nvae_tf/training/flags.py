@@ -164,6 +164,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_enum("random_flip", "auto", list(TRISTATE),
                   "Random horizontal flips of training images; auto: the "
                   "official setting of the dataset.", **fv)
+    f.DEFINE_enum("image_check", "scan", list(data_lib.IMAGE_CHECKS),
+                  "image_folder files that cannot be decoded: scan decodes "
+                  "every file before training and stops naming the bad "
+                  "ones; skip trains without them, naming each in a warning "
+                  "and counting them at the end.", **fv)
     f.DEFINE_integer("shuffle_buffer", 10000,
                      "Examples in the training shuffle buffer.", **fv)
     f.DEFINE_bool("sync_batchnorm", True,
@@ -354,7 +359,8 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
         data_config = data_lib.DataConfig.from_model_config(
             model_config, batch_size=fv.batch_size, seed=fv.seed,
             data_dir=fv.data_dir, shuffle_buffer=fv.shuffle_buffer,
-            random_flip=_TRISTATE_VALUES[fv.random_flip])
+            random_flip=_TRISTATE_VALUES[fv.random_flip],
+            image_check=fv.image_check)
     except ValueError as err:
         raise _flag_error(err) from err
     return model_config, data_config, objective, train, runtime

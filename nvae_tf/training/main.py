@@ -8,7 +8,9 @@ strategy, opens the data, saves the resolved config to MODEL_DIR/config.json
 `nvae_tf.training.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
 evaluates the test split and exports a SavedModel to
 saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
-resumes from the latest checkpoint. This file is intentionally kept short.
+resumes from the latest checkpoint. A bad flag, missing or corrupt data or
+a model directory that cannot be written stops the command with one line
+on stderr (`nvae_tf.cli`). This file is intentionally kept short.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from nvae_tf import cli as cli_lib
 from nvae_tf.fast import inference_shards as batch_shards
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
@@ -197,6 +200,13 @@ def run(model_config, data_config, objective, train, runtime, strategy):
                  trainer.length.num_epochs,
                  f"{trainer.model.count_params():,}")
     result = trainer.fit()
+    skipped = data_lib.skipped_image_files()
+    if skipped:
+        result["skipped_images"] = len(skipped)
+        logging.warning(
+            "%d image file(s) under %s could not be decoded and were left "
+            "out of training and evaluation (remove or fix them): %s",
+            len(skipped), data_config.data_dir, ", ".join(skipped))
     if train.export and trainer.is_chief:
         result["export_dir"] = export_model(trainer, result["step"])
     logging.info("Test NELBO %.3f nats, %.4f bits/dim (%s test split, %d "
@@ -209,20 +219,17 @@ def run(model_config, data_config, objective, train, runtime, strategy):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        *configs, runtime = nvae_flags.from_flags(FLAGS)
-        runtime = resolve_train_shards(runtime)
-        strategy = make_strategy(runtime)
-        run(*configs, runtime, strategy)
-    except nvae_flags.FlagError as err:
-        raise app.UsageError(str(err)) from err
+    *configs, runtime = nvae_flags.from_flags(FLAGS)
+    runtime = resolve_train_shards(runtime)
+    strategy = make_strategy(runtime)
+    run(*configs, runtime, strategy)
 
 
 def cli():
     """Entry point of `python -m nvae_tf.train`."""
     nvae_flags.define_flags()
     flags.adopt_module_key_flags(nvae_flags)  # listed by --help
-    app.run(main)
+    cli_lib.run(main, user_errors=(nvae_flags.FlagError,))
 
 
 if __name__ == "__main__":
