@@ -43,9 +43,11 @@ midway. `image_check='scan'` (the default) decodes every file when the
 datasets are built and raises `DataError` naming each bad file, before any
 training step; a folder is scanned once per process. `image_check='skip'`
 does not scan: a file that fails to decode is left out of its pass with a
-warning on stderr naming it (`skipped_image_files()` lists them all), and
-the training split is refilled from the next shuffled pass so that every
-pass still has `DataInfo.steps_per_epoch` batches.
+warning on stderr naming it (`skipped_image_files()` lists them all); this
+decoding costs more per file (each file is its own small dataset, so that
+a failure keeps its name; docs/performance.md). Either way the training
+split is refilled from the next shuffled pass, so that every pass has
+`DataInfo.steps_per_epoch` batches even if a file breaks while training.
 """
 
 from __future__ import annotations
@@ -671,7 +673,12 @@ def _image_folder_split(config: DataConfig, paths: list[str]) -> _Split:
     placeholder = tf.zeros([size, size, channels], tf.uint8)
 
     def decode(items, training):
-        images = _decode_or_skip(items, to_image, placeholder)
+        if config.image_check == "skip":
+            images = _decode_or_skip(items, to_image, placeholder)
+        else:  # scanned: the faster plain decode; a file broken since the
+            # scan is dropped with TensorFlow's warning (without its name).
+            images = items.map(to_image, num_parallel_calls=AUTOTUNE
+                               ).ignore_errors(log_warning=True)
         if not training:
             return images
 

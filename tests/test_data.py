@@ -447,6 +447,19 @@ def test_image_folder_skip_without_bad_files_is_unchanged(image_folder):
             np.testing.assert_array_equal(x, y)
 
 
+def test_image_folder_file_broken_after_the_scan_never_stops_a_pass(
+        image_folder):
+    config = _folder_config(image_folder)
+    data.make_datasets(config)  # scanned clean, once per process
+    broken = image_folder / "sub0" / "02.jpeg"  # a training file
+    broken.write_bytes(broken.read_bytes()[:40])
+    train_ds, _, info = data.make_datasets(config)  # not scanned again
+    assert info.steps_per_epoch == 2
+    for _ in range(2):
+        assert [b.shape for b in train_ds.as_numpy_iterator()] == [
+            (4, 8, 8, 1)] * 2
+
+
 def test_find_undecodable_images(folder_with_bad_images):
     paths = data.list_image_files(str(folder_with_bad_images))
     assert len(paths) == 14
