@@ -24,9 +24,7 @@ process do (`python -m nvae_tf.train`, `python -m nvae_tf.evaluate`): a
 repeat is two processes, one timing `train_step` with TensorFlow's
 threads, one timing `eval` and `sample` with the batch cut into one shard
 per core (`--inference_shards`, `nvae_tf.fast.inference_shards`: 1 intra-op thread,
-one inter-op thread per shard); `--train_shards=0` cuts the training batch
-the same way (its shards share the batch-norm statistics), as the
-trainer's `--train_shards` does; `--inference_shards=1` times all three
+one inter-op thread per shard); `--inference_shards=1` times all three
 unsharded in one process with TensorFlow's threads or the thread flags.
 The untimed setup of up to `--parallel_setup` repeats runs at the same
 time; their timed calls run one process at a time. Per repeat the median,
@@ -61,6 +59,7 @@ import tempfile
 import time
 
 from benchmarks import multiply_adds
+from nvae_tf.fast import inference_shards
 from nvae_tf.fast.inference_shards import configure_shard_threads, resolve_shards
 from nvae_tf.config import NVAEConfig
 from nvae_tf.fast.constant_weights import with_constant_weights
@@ -151,8 +150,8 @@ def _config_from_flagfile(path: str):
     values = absl_flags.FlagValues()
     nvae_flags.define_flags(values)
     values(["benchmarks.bench", f"--flagfile={path}"])
-    model_config, data_config, objective, _, _ = nvae_flags.from_flags(values)
-    return model_config, data_config.batch_size, objective
+    experiment = nvae_flags.from_flags(values)
+    return experiment.model, experiment.data.batch_size, experiment.objective
 
 
 # ------------------------------------------------------------------- worker
@@ -187,7 +186,7 @@ def _time_calls(fn, steps: int):
 def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
                     shards: int = 1, training: bool = True,
-                    constant_weights: bool = True, train_shards: int = 1):
+                    constant_weights: bool = True):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     Args:
@@ -198,12 +197,11 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         speed).
       jit_compile: compile the three functions with XLA (an option only:
         slower on this CPU, see docs/performance.md).
-      shards: batch shards of `eval_step` and `sample` (`batch_shards`).
+      shards: batch shards of `eval_step` and `sample` (`inference_shards`).
       training: build the optimizer and `train_step` (else both are None).
       constant_weights: trace `eval_step` and `sample` with the weights of
         the freshly built model as constants (`constant_weights`, as
         `python -m nvae_tf.evaluate` does), else reading the variables.
-      train_shards: batch shards of `train_step` (same loss and gradients).
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x, seed) -> mean
@@ -221,10 +219,11 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
 
     def mean_nelbo(x, seed):
         return tf.reduce_mean(
-            model(x, training=False, seed=seed, shards=shards).nelbo)
+            inference_shards.forward(model, x, shards, seed=seed).nelbo)
 
     def sample_images(seed):
-        return model.sample(batch_size, 1.0, seed=seed, shards=shards).images
+        return inference_shards.sample(model, batch_size, shards,
+                                       seed=seed).images
 
     inference_fns = [mean_nelbo, sample_images]
     if constant_weights:
@@ -247,7 +246,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
     def train_step(x):
         with tf.GradientTape() as tape:
             result = objectives.compute_loss(model, x, optimizer.iterations,
-                                           objective, shards=train_shards)
+                                           objective)
         grads = tape.gradient(result.loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return result.loss
@@ -277,9 +276,8 @@ def run_worker(args) -> dict:
     import tensorflow as tf
     rss_stages = {"import": _peak_rss_mb()}  # the peak RSS, stage by stage
     shards = args.inference_shards if args.phase == "inference" else 1
-    train_shards = args.train_shards if args.phase == "train" else 1
-    if max(shards, train_shards) > 1:
-        configure_shard_threads(max(shards, train_shards))
+    if shards > 1:
+        configure_shard_threads(shards)
     else:
         if args.intra_op_threads is not None:
             tf.config.threading.set_intra_op_parallelism_threads(
@@ -300,8 +298,7 @@ def run_worker(args) -> dict:
     model, _, train_step, eval_step, sample = build_functions(
         config, batch_size, objective, jit_compile=args.jit_compile,
         shards=shards, training=args.phase != "inference",
-        constant_weights=args.weights == "constant",
-        train_shards=train_shards)
+        constant_weights=args.weights == "constant")
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     rss_stages["build"] = _peak_rss_mb()
     result = {"config": args.config, "batch_size": batch_size,
@@ -355,7 +352,6 @@ def run_worker(args) -> dict:
         result["inference_shards"] = shards
         result["inference_threads"] = threads
     if args.phase != "inference":
-        result["train_shards"] = train_shards
         result["intra_op_threads"], result["inter_op_threads"] = threads
     result["onednn"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
     result["jit_compile"] = args.jit_compile
@@ -379,8 +375,7 @@ def _worker_command(args, config_name: str, sync_dir: str, index: int,
            f"--config={config_name}", f"--steps={args.steps}",
            f"--warmup={args.warmup}", f"--sync_dir={sync_dir}",
            f"--index={index}", f"--phase={phase}",
-           f"--inference_shards={args.inference_shards}",
-           f"--train_shards={args.train_shards}"]
+           f"--inference_shards={args.inference_shards}"]
     if args.batch_size:
         cmd.append(f"--batch_size={args.batch_size}")
     if args.intra_op_threads is not None:
@@ -494,8 +489,7 @@ def run_repeats(args, config_name: str) -> dict:
     start = time.perf_counter()
     runs = _run_workers(args, config_name)
     summary = {key: runs[0][key] for key in (
-        "config", "batch_size", "params", "tf_version", "train_shards",
-        "intra_op_threads",
+        "config", "batch_size", "params", "tf_version", "intra_op_threads",
         "inter_op_threads", "inference_shards", "inference_threads",
         "onednn", "jit_compile", "mixed_precision", "grappler", "weights",
         "cpu_count")}
@@ -595,14 +589,6 @@ def parse_args(argv=None):
              "with 1 intra-op thread and this many inter-op threads; 0 "
              "(default): one per CPU core; 1: one process for everything, "
              "unsharded, with the thread flags above")
-    parser.add_argument(
-        "--train_shards", type=int, default=1,
-        help="batch shards of the training step (1 intra-op thread, this "
-             "many inter-op threads; batch norm combines their statistics, "
-             "so the step is the same function), as `python -m "
-             "nvae_tf.train --train_shards`; 0: one per CPU core; 1 "
-             "(default, as the trainer's): unsharded, with the thread flags "
-             "above. Ignored with --inference_shards=1")
     parser.add_argument("--jit_compile", action="store_true",
                         help="compile the timed functions with XLA")
     parser.add_argument("--mixed_precision", default="none",
@@ -644,10 +630,6 @@ def parse_args(argv=None):
         parser.error(f"--inference_shards={args.inference_shards}: expected "
                      ">= 0 (0: one per CPU core)")
     args.inference_shards = resolve_shards(args.inference_shards)
-    if args.train_shards < 0:
-        parser.error(f"--train_shards={args.train_shards}: expected >= 0 "
-                     "(0: one per CPU core)")
-    args.train_shards = resolve_shards(args.train_shards)
     if args.warmup < 1:
         parser.error(f"--warmup={args.warmup}: expected >= 1 (the first "
                      "call traces)")

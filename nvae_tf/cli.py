@@ -122,6 +122,8 @@ def parse_flags(argv):
         sys.exit(EXIT_USER_ERROR)
 
 
-def run(main, user_errors=()):
-    """`absl.app.run(main)` with `report_user_errors` and `parse_flags`."""
-    app.run(report_user_errors(main, user_errors), flags_parser=parse_flags)
+def run(main, user_errors=(), argv=None):
+    """`absl.app.run(main, argv)` with `report_user_errors` and
+    `parse_flags`."""
+    app.run(report_user_errors(main, user_errors), argv=argv,
+            flags_parser=parse_flags)

@@ -12,36 +12,37 @@ import dataclasses
 import json
 from typing import Any
 
+from nvae_tf import datasets
+
 CHANNEL_MULT = 2  # official: channels double at each down-sampling step.
 
-# Datasets of the official code, with (side length fed to the network, image
-# channels). MNIST-like data are 28x28 and padded by two pixels to 32.
-_OFFICIAL_SIZES = {
-    "mnist": (32, 1),
-    "omniglot": (32, 1),
-    "cifar10": (32, 3),
-    "celeba_64": (64, 3),
-    "celeba_256": (256, 3),
-    "imagenet_32": (32, 3),
-    "imagenet_64": (64, 3),
-    "ffhq": (256, 3),
-    "lsun_bedroom_128": (128, 3),
-    "lsun_bedroom_256": (256, 3),
-    "lsun_church_64": (64, 3),
-    "lsun_church_128": (128, 3),
-    "lsun_tower_64": (64, 3),
-    "lsun_tower_128": (128, 3),
-}
-# Our additions: the embedded default and user image folders.
-_EXTRA_DATASETS = {"fashion_mnist": (32, 1), "image_folder": (None, None)}
-DATASETS = tuple(_OFFICIAL_SIZES) + tuple(_EXTRA_DATASETS)
+DATASETS = datasets.NAMES  # accepted `dataset` names (the table's keys)
 
-# Datasets whose 28x28 images are zero-padded to 32x32 (the likelihood is then
-# evaluated on the central 28x28 only).
-PADDED_28_DATASETS = ("mnist", "omniglot", "fashion_mnist")
-# Datasets modelled as binary images with a Bernoulli likelihood.
-BINARY_DATASETS = ("mnist", "omniglot")
-MNIST_PAD = 2  # pixels of zero padding on each side, 28 -> 32.
+
+class ConfigError(ValueError):
+    """An invalid configuration value or combination.
+
+    Attributes:
+      field: the value's path in the experiment configuration, e.g.
+        `train.epochs` (a section's own checks give the bare field name,
+        `epochs`; `within` prefixes the section).
+      message: what is wrong and what is expected, without the field.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    @classmethod
+    def invalid(cls, field: str, value, expected: str) -> "ConfigError":
+        """`field`'s `value` is not what is `expected`."""
+        return cls(field, f"{value!r} is invalid: expected {expected}.")
+
+    def within(self, section: str) -> "ConfigError":
+        """The same error with `section.` before the field path."""
+        return ConfigError(f"{section}.{self.field}", self.message)
+
 
 # Operation lists per cell type, as the official `get_arch_cells` tables
 # Keys: cell family -> op names of the cell.
@@ -100,11 +101,12 @@ class NVAEConfig:
         (`num_preprocess_blocks + num_latent_scales - 1` steps).
       binary: model images as binary (Bernoulli likelihood); `None` derives it
         from `dataset` (MNIST and Omniglot).
-      sync_batchnorm: batch statistics over all replicas, as the official
-        SyncBatchNorm.
+
+    How batch statistics are gathered over replicas (synchronized batch
+    norm) is a runtime choice: `RuntimeConfig.sync_batchnorm`.
     """
 
-    dataset: str = "mnist"
+    dataset: str = datasets.DEFAULT_DATASET
     image_size: int | None = None
     image_channels: int | None = None
     num_channels_enc: int = 32
@@ -128,7 +130,6 @@ class NVAEConfig:
     arch_instance: str = "res_mbconv"
     channel_mult: int | tuple[int, ...] = CHANNEL_MULT
     binary: bool | None = None
-    sync_batchnorm: bool = True
 
     def __post_init__(self):
         if isinstance(self.channel_mult, list):
@@ -138,8 +139,7 @@ class NVAEConfig:
     # ------------------------------------------------------------------ checks
     def _validate(self):
         def fail(field, value, allowed):
-            raise ValueError(
-                f"NVAEConfig.{field}={value!r} is invalid: expected {allowed}.")
+            raise ConfigError.invalid(field, value, allowed)
 
         if self.dataset not in DATASETS:
             fail("dataset", self.dataset, f"one of {', '.join(DATASETS)}")
@@ -167,7 +167,7 @@ class NVAEConfig:
                 isinstance(self.num_x_bits, bool) or \
                 not 1 <= self.num_x_bits <= 8:
             fail("num_x_bits", self.num_x_bits, "an integer in [1, 8]")
-        for name in ("ada_groups", "use_se", "res_dist", "sync_batchnorm"):
+        for name in ("ada_groups", "use_se", "res_dist"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "True or False")
         if self.binary is not None and not isinstance(self.binary, bool):
@@ -184,7 +184,7 @@ class NVAEConfig:
             fail("image_size", self.image_size, "an integer >= 1 or None")
         if self.image_channels not in (None, 1, 3):
             fail("image_channels", self.image_channels, "1, 3 or None")
-        if self.dataset == "image_folder" and (
+        if self.dataset == datasets.IMAGE_FOLDER and (
                 self.image_size is None or self.image_channels is None):
             fail("image_size", self.image_size,
                  "an explicit image_size and image_channels for image_folder")
@@ -220,26 +220,26 @@ class NVAEConfig:
         """Side length of the network input (after MNIST padding)."""
         if self.image_size is not None:
             return self.image_size
-        sizes = {**_OFFICIAL_SIZES, **_EXTRA_DATASETS}
-        return sizes[self.dataset][0]
+        return datasets.DATASETS[self.dataset].network_size
 
     @property
     def image_channels_resolved(self) -> int:
         if self.image_channels is not None:
             return self.image_channels
-        sizes = {**_OFFICIAL_SIZES, **_EXTRA_DATASETS}
-        return sizes[self.dataset][1]
+        return datasets.DATASETS[self.dataset].channels
 
     @property
     def pads_28_to_32(self) -> bool:
         """True for MNIST-like data: 28x28 padded to 32, likelihood cropped."""
-        return self.dataset in PADDED_28_DATASETS and self.image_size is None
+        table = datasets.DATASETS
+        return (self.image_size is None and self.dataset in table
+                and table[self.dataset].pads_28_to_32)
 
     @property
     def data_size(self) -> int:
         """Side length of the images as stored (28 for MNIST-like data)."""
         size = self.image_size_resolved
-        return size - 2 * MNIST_PAD if self.pads_28_to_32 else size
+        return size - 2 * datasets.MNIST_PAD if self.pads_28_to_32 else size
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -249,7 +249,8 @@ class NVAEConfig:
     def is_binary(self) -> bool:
         if self.binary is not None:
             return self.binary
-        return self.dataset in BINARY_DATASETS
+        table = datasets.DATASETS
+        return self.dataset in table and table[self.dataset].binary
 
     @property
     def output_distribution(self) -> str:

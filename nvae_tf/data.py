@@ -16,9 +16,9 @@ official data loaders and `pre_process` and runs on whole batches:
    x = floor(255 x / 2^(8 - bits)) / (2^bits - 1).
 
 Randomness is stateless: shuffling, flips and binarisation are seeded from
-`DataConfig.seed`, and a per-batch seed stream (`tf.data.Dataset.random` with
-`rerandomize_each_iteration=True`) changes at every pass, so a rebuilt
-pipeline with the same seed (and the same TF global seed, which
+the `seed` of `make_datasets`, and a per-batch seed stream
+(`tf.data.Dataset.random` with `rerandomize_each_iteration=True`) changes
+at every pass, so a rebuilt pipeline with the same seed (and the same TF global seed, which
 `keras.utils.set_random_seed` sets) yields the same batches, epoch by epoch.
 
 Sources:
@@ -70,8 +70,9 @@ from absl import logging
 
 from nvae_tf import cli
 
-MAX_PIXEL = 255  # largest 8-bit value; ToTensor divides by it.
-SOURCE_BITS = 8  # bit depth of every stored dataset.
+from nvae_tf import datasets
+from nvae_tf.config import ConfigError
+from nvae_tf.datasets import MAX_PIXEL, MNIST_SIDE, SOURCE_BITS
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_TRAIN_FILE = "train-images-idx3-ubyte.gz"
@@ -79,7 +80,6 @@ FASHION_MNIST_EVAL_FILE = "t10k-images-idx3-ubyte.gz"
 FASHION_MNIST_APT = "apt-get install -y dataset-fashion-mnist"
 IDX_IMAGES_MAGIC = 0x803  # IDX: unsigned bytes (0x08), 3 dimensions (0x03).
 IDX_HEADER_BYTES = 16  # magic, count, rows, cols as big-endian uint32.
-MNIST_SIDE = 28
 
 # Official CelebA-64 face crop of the 178x218 aligned images, then resize.
 CELEBA_CROP_LEFT, CELEBA_CROP_TOP = 15, 40
@@ -105,81 +105,31 @@ class DataError(cli.UserError, ValueError):
     the message names the file or setting and what to do."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """How to read one named dataset.
-
-    Attributes:
-      image_shape: [H, W, C] of the images the pipeline yields.
-      tfds_name: TFDS builder (with config), or None for non-TFDS sources.
-      train_split / eval_split: TFDS split names.
-      random_flip: official default for horizontal flips on training images.
-      binary: official default for dynamic binarisation.
-      geometry: `none` (stored at `image_shape`), `square` (variable size:
-        crop a square, resize), `celeba` (official crop box, resize) or
-        `omniglot` (grayscale, invert, resize).
-      random_crop: square crops at a random offset on the training set.
-    """
-
-    image_shape: tuple[int, int, int]
-    tfds_name: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    random_flip: bool = False
-    binary: bool = False
-    geometry: str = "none"
-    random_crop: bool = False
-
-
-def _rgb(size: int, tfds_name: str, eval_split: str = "validation",
-         geometry: str = "square", random_crop: bool = False) -> _Source:
-    return _Source((size, size, 3), tfds_name, eval_split=eval_split,
-                   random_flip=True, geometry=geometry, random_crop=random_crop)
-
-
-_MNIST_SHAPE = (MNIST_SIDE, MNIST_SIDE, 1)
-_SOURCES: dict[str, _Source] = {
-    "fashion_mnist": _Source(_MNIST_SHAPE),
-    "mnist": _Source(_MNIST_SHAPE, "mnist", binary=True),
-    "omniglot": _Source(_MNIST_SHAPE, "omniglot", binary=True,
-                        geometry="omniglot"),
-    "cifar10": _rgb(32, "cifar10", "test", "none"),
-    "celeba_64": _rgb(64, "celeb_a", geometry="celeba"),
-    "celeba_256": _Source((256, 256, 3), "celeb_a_hq/256", "train[:90%]",
-                          "train[90%:]", random_flip=True),
-    "imagenet_32": _rgb(32, "downsampled_imagenet/32x32"),
-    "imagenet_64": _rgb(64, "downsampled_imagenet/64x64"),
-    "lsun_bedroom_128": _rgb(128, "lsun/bedroom", random_crop=True),
-    "lsun_bedroom_256": _rgb(256, "lsun/bedroom", random_crop=True),
-    "lsun_church_64": _rgb(64, "lsun/church_outdoor", random_crop=True),
-    "lsun_church_128": _rgb(128, "lsun/church_outdoor", random_crop=True),
-    "lsun_tower_64": _rgb(64, "lsun/tower", random_crop=True),
-    "lsun_tower_128": _rgb(128, "lsun/tower", random_crop=True),
-}
-# Official dataset names this module cannot read directly, with the reason.
-_UNSUPPORTED = {
-    "ffhq": "TFDS has no FFHQ builder. Put the images (PNG) in a folder and "
-            "use dataset='image_folder', data_dir=FOLDER, image_size=256, "
-            "image_channels=3, random_flip=True (the official setting).",
-}
-DATASETS = tuple(_SOURCES) + tuple(_UNSUPPORTED) + ("image_folder",)
+# DataConfig fields an `NVAEConfig` implies (`DataConfig.from_model_config`).
+MODEL_IMPLIED_FIELDS = ("dataset", "image_size", "image_channels",
+                        "num_x_bits", "binary")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What to read and how to preprocess it.
 
+    The dataset's own facts (stored size, TFDS builder, official flips) come
+    from `nvae_tf.datasets.DATASETS`; the seed of shuffling and augmentation
+    is an argument of `make_datasets` (the run's seed, or one per pass).
+
     Attributes:
-      dataset: a name in `DATASETS`; `fashion_mnist` is the embedded default.
+      dataset: a name in `nvae_tf.datasets.NAMES`.
       data_dir: folder of the data: the IDX files (fashion_mnist), the TFDS
         data directory (None: TFDS's default) or the image folder.
-      batch_size: global batch size (all replicas together).
+      batch_size: GLOBAL batch, images per step over all replicas and
+        workers (official `--batch_size` is per GPU: multiply it by the
+        number of GPUs).
       image_size: side length of `image_folder` images; other datasets have
         a fixed stored size (None or that size).
       image_channels: 1 or 3 for `image_folder` (converted on decoding).
       shuffle_buffer: examples in the training shuffle buffer (an image
         folder's file list is always shuffled whole).
-      seed: seed of shuffling, flips and binarisation (>= 0).
       num_x_bits: bit depth of the pixels the model sees (1..8).
       binary: dynamic binarisation; None: the dataset's official default
         (mnist, omniglot).
@@ -191,13 +141,12 @@ class DataConfig:
         warning while reading); see the module docstring.
     """
 
-    dataset: str = "fashion_mnist"
+    dataset: str
     data_dir: str | None = None
     batch_size: int = 32
     image_size: int | None = None
     image_channels: int | None = None
     shuffle_buffer: int = 10000
-    seed: int = 0
     num_x_bits: int = SOURCE_BITS
     binary: bool | None = None
     random_flip: bool | None = None
@@ -208,84 +157,80 @@ class DataConfig:
             object.__setattr__(self, "data_dir", os.fspath(self.data_dir))
 
         def fail(field, expected):
-            raise ValueError(f"DataConfig.{field}={getattr(self, field)!r} "
-                             f"is invalid: {expected}")
+            raise ConfigError.invalid(field, getattr(self, field), expected)
 
         def is_int(value):
             return isinstance(value, int) and not isinstance(value, bool)
 
-        if self.dataset in _UNSUPPORTED:
-            fail("dataset", _UNSUPPORTED[self.dataset])
-        if self.dataset not in DATASETS:
-            fail("dataset", f"expected one of {', '.join(DATASETS)}.")
+        if self.dataset not in datasets.NAMES:
+            fail("dataset", f"one of {', '.join(datasets.NAMES)}")
+        source = datasets.DATASETS.get(self.dataset)
+        if source is not None and source.unsupported:
+            raise ConfigError("dataset", source.unsupported)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
-            fail("data_dir", "expected a path or None.")
-        for name, low in (("batch_size", 1), ("shuffle_buffer", 1),
-                          ("seed", 0)):
+            fail("data_dir", "a path or None")
+        for name, low in (("batch_size", 1), ("shuffle_buffer", 1)):
             if not is_int(getattr(self, name)) or getattr(self, name) < low:
-                fail(name, f"expected an integer >= {low}.")
+                fail(name, f"an integer >= {low}")
         if not is_int(self.num_x_bits) or not 1 <= self.num_x_bits <= 8:
-            fail("num_x_bits", "expected an integer in [1, 8].")
+            fail("num_x_bits", "an integer in [1, 8]")
         for name in ("binary", "random_flip"):
             if getattr(self, name) not in (None, True, False):
-                fail(name, "expected True, False or None.")
+                fail(name, "True, False or None")
         if self.image_size is not None and (
                 not is_int(self.image_size) or self.image_size < 1):
-            fail("image_size", "expected a positive integer or None.")
+            fail("image_size", "a positive integer or None")
         if self.image_channels not in (None, 1, 3):
-            fail("image_channels", "expected 1, 3 or None.")
+            fail("image_channels", "1, 3 or None")
         if self.image_check not in IMAGE_CHECKS:
-            fail("image_check", f"expected one of {', '.join(IMAGE_CHECKS)}.")
-        if self.dataset == "image_folder":
-            if self.data_dir is None:
-                fail("data_dir", "image_folder needs the folder of images.")
+            fail("image_check", f"one of {', '.join(IMAGE_CHECKS)}")
+        if source is None:  # image_folder (data_dir: checked when opened)
             for name in ("image_size", "image_channels"):
                 if getattr(self, name) is None:
-                    fail(name, "image_folder needs image_size and "
-                               "image_channels.")
+                    fail(name, "image_size and image_channels for "
+                               "image_folder")
             return
-        stored_size, _, stored_channels = _SOURCES[self.dataset].image_shape
+        stored_size, _, stored_channels = source.image_shape
         for name, stored in (("image_size", stored_size),
                              ("image_channels", stored_channels)):
             if getattr(self, name) not in (None, stored):
-                fail(name, f"{self.dataset} is stored with {name}={stored}; "
-                           f"leave it None ({name} is for image_folder).")
+                fail(name, f"None: {self.dataset} is stored with "
+                           f"{name}={stored} ({name} is for image_folder)")
 
     @classmethod
-    def from_model_config(cls, model_config: Any, *, batch_size: int,
-                          seed: int = 0, data_dir: str | None = None,
-                          **overrides) -> DataConfig:
-        """The data settings an `NVAEConfig` implies (dataset, bits, binary)."""
-        folder = model_config.dataset == "image_folder"
-        values = dict(
-            dataset=model_config.dataset, data_dir=data_dir,
-            batch_size=batch_size, seed=seed,
+    def from_model_config(cls, model_config: Any, **values) -> DataConfig:
+        """The data an `NVAEConfig` implies (dataset, sizes, bits, binary),
+        with the pipeline's own settings (`batch_size`, `data_dir`, ...) from
+        `values`."""
+        folder = model_config.dataset == datasets.IMAGE_FOLDER
+        implied = dict(
+            dataset=model_config.dataset,
             image_size=model_config.data_size if folder else None,
             image_channels=(model_config.image_channels_resolved
                             if folder else None),
             num_x_bits=model_config.num_x_bits,
             binary=model_config.is_binary)
-        return cls(**{**values, **overrides})
+        return cls(**{**values, **implied})
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """[H, W, C] of the yielded images."""
-        if self.dataset == "image_folder":
+        if self.dataset == datasets.IMAGE_FOLDER:
             return (self.image_size, self.image_size, self.image_channels)
-        return _SOURCES[self.dataset].image_shape
+        return datasets.DATASETS[self.dataset].image_shape
 
     @property
     def is_binary(self) -> bool:
         if self.binary is not None:
             return self.binary
-        source = _SOURCES.get(self.dataset)
+        source = datasets.DATASETS.get(self.dataset)
         return source is not None and source.binary
 
     @property
     def random_flip_resolved(self) -> bool:
         if self.random_flip is not None:
             return self.random_flip
-        source = _SOURCES.get(self.dataset)
+        source = datasets.DATASETS.get(self.dataset)
         return source is not None and source.random_flip
 
 
@@ -381,7 +326,7 @@ def _celeba_crop(images: tf.Tensor) -> tf.Tensor:
     """Official CelebA-64 geometry: 148x148 face box -> 64x64."""
     box = images[:, CELEBA_CROP_TOP:CELEBA_CROP_BOTTOM,
                  CELEBA_CROP_LEFT:CELEBA_CROP_RIGHT, :]
-    return _resize_uint8(box, _SOURCES["celeba_64"].image_shape[0])
+    return _resize_uint8(box, datasets.DATASETS["celeba_64"].image_shape[0])
 
 
 def _omniglot_strokes(images: tf.Tensor) -> tf.Tensor:
@@ -480,7 +425,7 @@ def _tfds_split(config: DataConfig, split: str, training: bool,
                 file_seed: int) -> _Split:
     import tensorflow_datasets as tfds  # only the TFDS sources need it.
 
-    source = _SOURCES[config.dataset]
+    source = datasets.DATASETS[config.dataset]
     try:
         ds, info = tfds.load(
             source.tfds_name, split=split, data_dir=config.data_dir,
@@ -700,7 +645,7 @@ def _image_folder_split(config: DataConfig, paths: list[str]) -> _Split:
 
 # -------------------------------------------------------------------- pipeline
 class _Seeds(NamedTuple):
-    """Independent op seeds derived from `DataConfig.seed`."""
+    """Independent op seeds derived from the seed of `make_datasets`."""
 
     shuffle: int
     files: int
@@ -726,7 +671,7 @@ def _batches(split: _Split, config: DataConfig, *, training: bool,
     """Shuffle (train) -> per-example decode -> batch -> preprocess."""
     items = split.items
     if training:
-        buffer = (split.num_examples if config.dataset == "image_folder"
+        buffer = (split.num_examples if config.dataset == datasets.IMAGE_FOLDER
                   else config.shuffle_buffer)
         items = items.shuffle(buffer, seed=seeds.shuffle,
                               reshuffle_each_iteration=True)
@@ -740,7 +685,7 @@ def _batches(split: _Split, config: DataConfig, *, training: bool,
     if split.decode_files is not None and training:
         batches = batches.take(split.num_examples // config.batch_size)
 
-    source = _SOURCES.get(config.dataset)
+    source = datasets.DATASETS.get(config.dataset)
     geometry = _BATCH_GEOMETRY.get(source.geometry) if source else None
     shape = config.image_shape
 
@@ -764,12 +709,13 @@ def _batches(split: _Split, config: DataConfig, *, training: bool,
 
 
 def make_datasets(
-        config: DataConfig
+        config: DataConfig, seed: int = 0
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
     """Builds the training and evaluation pipelines.
 
     Args:
       config: what to read and how.
+      seed: seed (>= 0) of shuffling, flips and binarisation.
 
     Returns:
       (train_ds, eval_ds, info). Both yield float32 [B, H, W, C] in [0, 1].
@@ -780,16 +726,23 @@ def make_datasets(
     Raises:
       FileNotFoundError: the data are not on this machine.
       DataError: corrupt data (with `image_check='scan'`, any undecodable
-        image-folder file), or fewer training examples than a batch.
+        image-folder file).
+      ConfigError: fewer training examples than a batch.
     """
-    seeds = _Seeds.from_seed(config.seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"`seed` must be an integer >= 0. Received: "
+                         f"seed={seed!r}")
+    seeds = _Seeds.from_seed(seed)
     if config.dataset == "fashion_mnist":
         train, test = load_fashion_mnist(config.data_dir)
         train_split = _Split(tf.data.Dataset.from_tensor_slices(train),
                              len(train))
         eval_split = _Split(tf.data.Dataset.from_tensor_slices(test),
                             len(test))
-    elif config.dataset == "image_folder":
+    elif config.dataset == datasets.IMAGE_FOLDER:
+        if config.data_dir is None:
+            raise ConfigError("data_dir", "None is invalid: expected the "
+                              "folder of images for image_folder.")
         paths = list_image_files(config.data_dir)
         if config.image_check == "scan":
             _scan_image_folder(config.data_dir, paths, config.image_channels)
@@ -798,13 +751,13 @@ def make_datasets(
             config, [p for i, p in enumerate(paths) if i % every])
         eval_split = _image_folder_split(config, paths[::every])
     else:
-        source = _SOURCES[config.dataset]
+        source = datasets.DATASETS[config.dataset]
         train_split = _tfds_split(config, source.train_split, True,
                                   seeds.files)
         eval_split = _tfds_split(config, source.eval_split, False, seeds.files)
     if train_split.num_examples < config.batch_size:
-        raise DataError(
-            f"DataConfig.batch_size={config.batch_size} is invalid: "
+        raise ConfigError(
+            "batch_size", f"{config.batch_size} is too large: "
             f"{config.dataset} has only {train_split.num_examples} training "
             "examples, and incomplete training batches are dropped; use a "
             f"batch size <= {train_split.num_examples}.")

@@ -8,18 +8,16 @@ wiring (towers, samplers, combiners, the order of operations in `call`
 and `sample`) follows the official `AutoEncoder` exactly.
 """
 
-import functools
 from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
-from nvae_tf.fast import inference_shards as batch_shards
-from nvae_tf.fast.inference_shards import Parts, apply, each
 from nvae_tf import distributions
 from nvae_tf import latents
 from nvae_tf.layers.spectral import SpectralRegularizer
-from nvae_tf.config import MNIST_PAD, NVAEConfig
+from nvae_tf.config import NVAEConfig
+from nvae_tf.datasets import MNIST_PAD
 from nvae_tf.layers.cells import ResidualCell
 from nvae_tf.layers.combiners import DecoderCombinerCell, EncoderCombinerCell
 from nvae_tf.layers.conv import WeightNormConv2D
@@ -65,18 +63,10 @@ def _spectral_shape(conv):
     return (conv.filters, kh * kw * fan_in)
 
 
-def _merge_outputs(outputs, sizes):
-    """One `NVAEOutput` from those of consecutive parts of a batch."""
-    groups = batch_shards.concat([
-        [g._replace(kl_per_channel=None) for g in out.groups]
-        for out in outputs])
-    per_channel = [batch_shards.batch_weighted_mean(
-        [out.groups[k].kl_per_channel for out in outputs], sizes)
-        for k in range(len(groups))]
-    merged = batch_shards.concat(
-        [out._replace(groups=None) for out in outputs])
-    return merged._replace(groups=[
-        g._replace(kl_per_channel=kl) for g, kl in zip(groups, per_channel)])
+def _static_batch_size(tensor):
+    """The batch dimension as a Python int if known, else a scalar tensor."""
+    size = tensor.shape[0]
+    return int(size) if size is not None else tf.shape(tensor)[0]
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
@@ -87,9 +77,11 @@ class NVAE(CheckpointableCollections, keras.Model):
       config: the architecture (`NVAEConfig` or its dict).
       seed: seed of the latent noise; the noise also depends on a step counter
         kept in a (checkpointed) variable and on the replica id.
+      sync_batchnorm: batch statistics over all replicas, as the official
+        SyncBatchNorm (a runtime choice, `RuntimeConfig.sync_batchnorm`).
     """
 
-    def __init__(self, config, seed=0, **kwargs):
+    def __init__(self, config, seed=0, sync_batchnorm=True, **kwargs):
         # Inputs are not autocast: pixel values k/255 must reach the
         # likelihood exactly, also under a mixed-precision policy.
         kwargs.setdefault("autocast", False)
@@ -100,8 +92,9 @@ class NVAE(CheckpointableCollections, keras.Model):
             raise TypeError(f"config must be an NVAEConfig, got {config!r}.")
         self.config = config
         self.seed = int(seed)
+        self.sync_batchnorm = bool(sync_batchnorm)
         c = config
-        sync = c.sync_batchnorm
+        sync = self.sync_batchnorm
         kw = dict(dtype=self.dtype_policy)
 
         def cell(cell_type, filters, name):
@@ -294,8 +287,18 @@ class NVAE(CheckpointableCollections, keras.Model):
             seed = tf.random.experimental.stateless_fold_in(seed, replica)
         return seed
 
-    def _standard_normal(self, eps, batch_size, seed):
-        """Noise for every latent group: the caller's `eps` or drawn."""
+    def latent_noise(self, batch_size, eps=None, seed=None):
+        """Standard-normal noise of every latent group, top-down.
+
+        Args:
+          batch_size: B, a Python int or a scalar int tensor.
+          eps: optional caller's noise, checked and returned as float32.
+          seed: optional stateless seed [2]; without it (and without `eps`)
+            the seed comes from the model's noise counter, which advances.
+
+        Returns:
+          A list of G tensors with the shapes `latent_shapes(B)`.
+        """
         shapes = self.latent_shapes(batch_size)
         if eps is not None:
             if len(eps) != len(shapes):
@@ -350,26 +353,24 @@ class NVAE(CheckpointableCollections, keras.Model):
     def _decode(self, batch_size, next_latent, training):
         """Runs the top-down decoder; `next_latent(k, state)` returns z_k."""
         c = self.config
-        state = each(lambda size: tf.tile(
-            tf.cast(self.prior_ftr0, self.compute_dtype)[None],
-            [size, 1, 1, 1]), batch_size)
+        state = tf.tile(tf.cast(self.prior_ftr0, self.compute_dtype)[None],
+                        [batch_size, 1, 1, 1])
         cells = iter(self.decoder_cells)
         k = 0
         for scale, groups in enumerate(c.groups_per_decoder_scale):
             for _ in range(groups):
                 if k > 0:
                     for _ in range(c.num_cell_per_cond_dec):
-                        state = apply(next(cells), state, training=training)
+                        state = next(cells)(state, training=training)
                 z = next_latent(k, state)
-                state = each(self.decoder_combiners[k], state, z)
+                state = self.decoder_combiners[k](state, z)
                 k += 1
             if scale < c.num_latent_scales - 1:
-                state = apply(self.decoder_up_cells[scale], state,
-                              training=training)
+                state = self.decoder_up_cells[scale](state,
+                                                     training=training)
         for cell in self.postprocess:
-            state = apply(cell, state, training=training)
-        return each(lambda s: tf.cast(self.image_head(tf.nn.elu(s)),
-                                      tf.float32), state)
+            state = cell(state, training=training)
+        return tf.cast(self.image_head(tf.nn.elu(state)), tf.float32)
 
     def _prior_params(self, k, state, batch_size):
         if k == 0:
@@ -382,24 +383,22 @@ class NVAE(CheckpointableCollections, keras.Model):
     def _encode(self, x, training):
         """Bottom-up pass: the top feature and the remembered group features."""
         c = self.config
-        s = each(lambda images: self.stem(
-            tf.cast(2.0 * images - 1.0, self.compute_dtype)), x)
+        s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
         for cell in self.preprocess:
-            s = apply(cell, s, training=training)
+            s = cell(s, training=training)
         cells = iter(self.encoder_cells)
         features = []
         for scale in range(c.num_latent_scales):
             for _ in range(c.groups_per_scale[scale]):
                 for _ in range(c.num_cell_per_cond_enc):
-                    s = apply(next(cells), s, training=training)
+                    s = next(cells)(s, training=training)
                 features.append(s)
             if scale < c.num_latent_scales - 1:
-                s = apply(self.encoder_down_cells[scale], s,
-                          training=training)
+                s = self.encoder_down_cells[scale](s, training=training)
         features.pop()  # the last group's feature goes through enc0 instead
-        return each(lambda t: tf.nn.elu(self.enc0(tf.nn.elu(t))), s), features
+        return tf.nn.elu(self.enc0(tf.nn.elu(s))), features
 
-    def call(self, x, training=None, eps=None, seed=None, shards=1):
+    def call(self, x, training=None, eps=None, seed=None):
         """Encodes x, decodes a posterior sample, and scores it.
 
         Args:
@@ -409,77 +408,29 @@ class NVAE(CheckpointableCollections, keras.Model):
           eps: optional list of standard-normal tensors, one per latent group
             (top-down, shapes `latent_shapes(B)`), for a deterministic pass.
           seed: optional stateless seed [2] used when `eps` is None.
-          shards: run the batch as this many parts (`batch_shards`; same
-            result, faster on a CPU with one intra-op thread per core). In
-            inference the parts are independent; in training they share
-            the batch-norm statistics of the whole batch.
 
         Returns:
           `NVAEOutput`.
         """
         x = self._prepare_input(x)
-        batch_size = batch_shards.static_batch_size(x)
-        noise = self._standard_normal(eps, batch_size, seed)
-        shards = self._check_shards(shards)
-        if training and shards > 1:
-            return self._training_shards(x, noise, batch_size, shards)
-        return batch_shards.run(
-            lambda part: self._forward(part[0], part[1:], training),
-            [x] + noise, batch_size, shards, _merge_outputs)
-
-    @staticmethod
-    def _check_shards(shards, training=False):
-        if not isinstance(shards, int) or shards < 1:
-            raise ValueError(f"shards must be a positive int, got {shards!r}.")
-        if shards > 1 and training:
-            raise ValueError(
-                "sample(training=True) decodes unsharded: batch norm in "
-                "training mode normalises with the whole batch's statistics; "
-                "pass shards=1.")
-        return shards
-
-    def _training_shards(self, x, noise, batch_size, shards):
-        """`call` in training mode on a batch cut into `shards` parts.
-
-        The parts run as separate chains of ops (`batch_shards.Parts`);
-        batch norm combines their statistics, so the result is the
-        unsharded one. A batch size known only at run time runs as one
-        part.
-        """
-        sizes = batch_shards.shard_sizes(batch_size, shards) \
-            if isinstance(batch_size, int) else [batch_size]
-        if len(sizes) == 1:
-            return self._forward(x, noise, True)
-        parts = batch_shards.split([x] + noise, sizes)
-        with batch_shards.sharing_weights():  # weight norms once per step
-            outputs = self._forward(Parts(p[0] for p in parts),
-                                    Parts(p[1:] for p in parts), True)
-        return _merge_outputs(list(outputs), sizes)
-
-    def _forward(self, x, noise, training):
-        """`call` on prepared images with the noise of every group.
-
-        `x` and `noise` may be `Parts` of a batch (training shards); the
-        result is then `Parts` of `NVAEOutput`s.
-        """
+        noise = self.latent_noise(_static_batch_size(x), eps, seed)
         c = self.config
-        batch_size = each(lambda images: tf.shape(images)[0], x)
+        batch_size = tf.shape(x)[0]
         top_feature, features = self._encode(x, training)
         groups = []
 
         def posterior_latent(k, state):
-            j = c.num_groups - 1 - k
-            result = each(
-                functools.partial(self._posterior_latent, k), state,
-                top_feature if k == 0 else features[j], noise, batch_size)
-            groups.append(each(lambda r: r[1], result))
-            return each(lambda r: r[0], result)
+            feature = top_feature if k == 0 else features[c.num_groups - 1 - k]
+            z, group = self._posterior_latent(k, state, feature, noise,
+                                              batch_size)
+            groups.append(group)
+            return z
 
         logits = self._decode(batch_size, posterior_latent, training)
-        return each(self._output, x, logits, *groups)
+        return self._output(x, logits, *groups)
 
     def _posterior_latent(self, k, state, feature, noise, batch_size):
-        """(z_k, its `latents.summarize_group`) for a batch (part)."""
+        """(z_k, its `latents.summarize_group`) for the batch."""
         c = self.config
         if k > 0:
             feature = self.encoder_combiners[c.num_groups - 1 - k](
@@ -497,7 +448,7 @@ class NVAE(CheckpointableCollections, keras.Model):
                                           log_det, analytic_kl=c.num_nf == 0)
 
     def _output(self, x, logits, *groups):
-        """The `NVAEOutput` of a batch (part) from its logits and groups."""
+        """The `NVAEOutput` of the batch from its logits and groups."""
         pixel_log_prob = self.image_distribution(logits).pixel_log_prob(x)
         recon_loss = -tf.reduce_sum(self._crop(pixel_log_prob), axis=(1, 2))
         kl_per_group = [g.kl for g in groups]
@@ -509,7 +460,7 @@ class NVAE(CheckpointableCollections, keras.Model):
             nelbo=recon_loss + tf.add_n(kl_per_group), groups=list(groups))
 
     def sample(self, num_samples, temperature=1.0, eps=None, seed=None,
-               training=False, latents_given=None, shards=1):
+               training=False, latents_given=None):
         """Draws images from the prior at a latent temperature.
 
         Args:
@@ -522,9 +473,6 @@ class NVAE(CheckpointableCollections, keras.Model):
           latents_given: optional list of G tensors [N, h, w, L] or `None`s;
             a given z_k is used as is, the others are sampled from the prior
             (conditioned on the groups above).
-          shards: inference only: decode the batch as this many independent
-            parts (see `call`); the images are drawn from the joined logits,
-            so the result equals the unsharded one.
 
         Returns:
           `NVAESample` with images [N, H, W, C] in [0, 1] (cropped to the data
@@ -534,31 +482,28 @@ class NVAE(CheckpointableCollections, keras.Model):
             batch_size = num_samples
         else:
             batch_size = tf.convert_to_tensor(num_samples, tf.int32)
-        noise = self._standard_normal(eps, batch_size, seed)
+        noise = self.latent_noise(batch_size, eps, seed)
+        logits, zs = self.decode_prior(noise, temperature, training,
+                                       latents_given)
+        return NVAESample(images=self.images_from_logits(logits, seed),
+                          logits=logits, z=zs)
+
+    def decode_prior(self, noise, temperature=1.0, training=False,
+                     latents_given=None):
+        """Decoder logits and latents of `sample` for given noise.
+
+        Args:
+          noise: G standard-normal tensors [N, h, w, L] (`latent_noise`).
+          temperature, training, latents_given: as for `sample`.
+
+        Returns:
+          (logits [N, H, W, K] float32, list of the G latents z_k).
+        """
         groups = self.config.num_groups
         given = latents_given or [None] * groups
         if len(given) != groups:
             raise ValueError(f"latents_given has {len(given)} entries; the "
                              f"model has {groups} groups.")
-        # Given latents are cut with the noise; a None entry is replaced by
-        # the group's noise for the cut and dropped again.
-        is_given = [z is not None for z in given]
-        logits, zs = batch_shards.run(
-            lambda part: self._sample_logits(
-                part[:groups],
-                [z if g else None for z, g in zip(part[groups:], is_given)],
-                temperature, training),
-            noise + [z if g else n for z, n, g in zip(given, noise, is_given)],
-            batch_size, self._check_shards(shards, training),
-            lambda parts, _: batch_shards.concat(parts))
-        image_seed = None if seed is None else \
-            tf.random.experimental.stateless_fold_in(seed, len(zs))
-        images = self.image_distribution(logits).sample_with_temperature(
-            1.0, seed=image_seed)
-        return NVAESample(images=self._crop(images), logits=logits, z=zs)
-
-    def _sample_logits(self, noise, given, temperature, training):
-        """Decoder logits and latents of `sample` for one batch (part)."""
         batch_size = tf.shape(noise[0])[0]
         zs = []
 
@@ -573,6 +518,19 @@ class NVAE(CheckpointableCollections, keras.Model):
             return zs[-1]
 
         return self._decode(batch_size, prior_latent, training), zs
+
+    def images_from_logits(self, logits, seed=None):
+        """Images [N, H, W, C] in [0, 1] drawn from p(x|z) of decoder logits.
+
+        Cropped to the data size. With `seed`, the draw uses a seed of its
+        own derived from it (the latents of `sample` use the others).
+        """
+        image_seed = None if seed is None else \
+            tf.random.experimental.stateless_fold_in(seed,
+                                                     self.config.num_groups)
+        images = self.image_distribution(logits).sample_with_temperature(
+            1.0, seed=image_seed)
+        return self._crop(images)
 
     def encode(self, x):
         """Posterior means of every latent group (eval-mode BN).
@@ -599,4 +557,4 @@ class NVAE(CheckpointableCollections, keras.Model):
 
     def get_config(self):
         return {"config": self.config.to_dict(), "seed": self.seed,
-                "name": self.name}
+                "sync_batchnorm": self.sync_batchnorm, "name": self.name}

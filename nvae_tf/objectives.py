@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from nvae_tf.config import ConfigError
+
 
 # KL balancing: floor added to each group's mean |KL| so that groups with
 # (nearly) zero KL still get a finite, positive coefficient.
@@ -176,19 +178,35 @@ def weight_decay_norm_coeff(beta, weight_decay_norm: float,
       ValueError: if `weight_decay_norm < 0`, or with `anneal` if either
         coefficient is not > 0.
     """
-    if weight_decay_norm < 0:
-        raise ValueError("`weight_decay_norm` must be >= 0. "
-                         f"Received: weight_decay_norm={weight_decay_norm}")
+    check_weight_decay_norm(weight_decay_norm, weight_decay_norm_init,
+                            anneal)
     if not anneal:
         return tf.constant(weight_decay_norm, tf.float32)
-    for name, value in (("weight_decay_norm", weight_decay_norm),
-                        ("weight_decay_norm_init", weight_decay_norm_init)):
-        if value <= 0:
-            raise ValueError(f"`{name}` must be > 0 when annealing. "
-                             f"Received: {name}={value}")
     beta = _as_float32(beta)
     return tf.exp((1.0 - beta) * float(np.log(weight_decay_norm_init))
                   + beta * float(np.log(weight_decay_norm)))
+
+
+def check_weight_decay_norm(weight_decay_norm: float,
+                            weight_decay_norm_init: float,
+                            anneal: bool) -> None:
+    """Checks lambda's settings: >= 0, and > 0 at both ends of the anneal
+    (the geometric anneal interpolates their logarithms).
+
+    Raises:
+      ConfigError: naming the offending setting.
+    """
+    if weight_decay_norm < 0:
+        raise ConfigError.invalid("weight_decay_norm", weight_decay_norm,
+                                  ">= 0")
+    if not anneal:
+        return
+    for name, value in (("weight_decay_norm", weight_decay_norm),
+                        ("weight_decay_norm_init", weight_decay_norm_init)):
+        if value <= 0:
+            raise ConfigError.invalid(
+                name, value, "> 0 with weight_decay_norm_anneal (the "
+                "geometric anneal interpolates logarithms)")
 
 
 def batchnorm_regularization(gammas: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -231,21 +249,19 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         if self.total_steps < 1:
-            raise ValueError(f"total_steps={self.total_steps}; expected >= 1.")
+            raise ConfigError.invalid("total_steps", self.total_steps,
+                                      "an integer >= 1")
         for name in ("kl_anneal_portion", "kl_const_portion",
                      "kl_const_coeff"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}; expected a "
-                                 "value in [0, 1].")
+                raise ConfigError.invalid(name, getattr(self, name),
+                                          "a value in [0, 1]")
         if self.kl_anneal_portion == 0.0:
-            raise ValueError("kl_anneal_portion=0; expected a value in (0, 1].")
-        if self.weight_decay_norm < 0:
-            raise ValueError(f"weight_decay_norm={self.weight_decay_norm}; "
-                             "expected >= 0.")
-        if self.weight_decay_norm_anneal and (
-                self.weight_decay_norm <= 0 or self.weight_decay_norm_init <= 0):
-            raise ValueError("weight_decay_norm_anneal needs weight_decay_norm "
-                             "> 0 and weight_decay_norm_init > 0.")
+            raise ConfigError.invalid("kl_anneal_portion", 0.0,
+                                      "a value in (0, 1]")
+        check_weight_decay_norm(self.weight_decay_norm,
+                                self.weight_decay_norm_init,
+                                self.weight_decay_norm_anneal)
 
     @property
     def uses_regularization(self) -> bool:
@@ -265,7 +281,7 @@ def bits_per_dim(nats, num_pixels):
 
 
 def compute_loss(model, x, step, objective: ObjectiveConfig, training=True,
-                 eps=None, shards=1) -> LossResult:
+                 eps=None) -> LossResult:
     """NVAE training loss on a batch (per replica; not yet scaled).
 
     Args:
@@ -275,13 +291,12 @@ def compute_loss(model, x, step, objective: ObjectiveConfig, training=True,
       objective: the `ObjectiveConfig`.
       training: BN mode and whether the spectral power iteration advances.
       eps: optional per-group noise (see `NVAE.call`).
-      shards: batch shards of the forward pass (`NVAE.call`; same loss).
 
     Returns:
       `LossResult` with the scalar loss and a dict of scalar metrics and the
       per-group vectors `kl_per_group` [G] and `kl_gamma` [G].
     """
-    out = model(x, training=training, eps=eps, shards=shards)
+    out = model(x, training=training, eps=eps)
     beta = kl_coeff(step, objective.total_steps,
                                objective.kl_anneal_portion,
                                objective.kl_const_portion,

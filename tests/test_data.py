@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from nvae_tf import config as config_lib
 from nvae_tf import data
+from nvae_tf import datasets
 
 try:
     import tensorflow_datasets as tfds
@@ -59,8 +60,8 @@ def small_fashion_dir(tmp_path):
 # ---------------------------------------------------------------- fashion_mnist
 @needs_fashion
 def test_fashion_mnist_real_files():
-    config = data.DataConfig(batch_size=128, seed=1)
-    train_ds, eval_ds, info = data.make_datasets(config)
+    config = data.DataConfig("fashion_mnist", batch_size=128)
+    train_ds, eval_ds, info = data.make_datasets(config, seed=1)
     assert info == data.DataInfo(num_train=60000, num_eval=10000,
                                  image_shape=(28, 28, 1),
                                  steps_per_epoch=60000 // 128)
@@ -94,7 +95,7 @@ def test_fashion_mnist_real_files():
 def test_fashion_mnist_deterministic_for_a_seed():
     def first_batch(seed):
         train_ds, _, _ = data.make_datasets(
-            data.DataConfig(batch_size=16, seed=seed))
+            data.DataConfig("fashion_mnist", batch_size=16), seed=seed)
         return _first(train_ds)
 
     np.testing.assert_array_equal(first_batch(3), first_batch(3))
@@ -107,7 +108,8 @@ def test_small_idx_files_and_epoch_reshuffle(small_fashion_dir):
     np.testing.assert_array_equal(train_arr[..., 0], train)
     np.testing.assert_array_equal(test_arr[..., 0], test)
 
-    config = data.DataConfig(data_dir=str(folder), batch_size=8, seed=0)
+    config = data.DataConfig("fashion_mnist", data_dir=str(folder),
+                             batch_size=8)
     train_ds, eval_ds, info = data.make_datasets(config)
     assert (info.num_train, info.num_eval, info.steps_per_epoch) == (40, 16, 5)
     epoch1 = np.concatenate(list(train_ds.as_numpy_iterator()))
@@ -134,7 +136,8 @@ def test_small_idx_files_and_epoch_reshuffle(small_fashion_dir):
 def test_fashion_mnist_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError,
                        match="apt-get install -y dataset-fashion-mnist"):
-        data.make_datasets(data.DataConfig(data_dir=str(tmp_path / "none")))
+        data.make_datasets(data.DataConfig("fashion_mnist",
+                                           data_dir=str(tmp_path / "none")))
 
 
 @pytest.mark.parametrize("defect, message", [
@@ -186,16 +189,17 @@ def test_quantize_other_depths():
 def test_pipeline_applies_bit_reduction(small_fashion_dir):
     folder, _, test = small_fashion_dir
     _, eval_ds, _ = data.make_datasets(
-        data.DataConfig(data_dir=str(folder), batch_size=16, num_x_bits=5))
+        data.DataConfig("fashion_mnist", data_dir=str(folder), batch_size=16,
+                        num_x_bits=5))
     np.testing.assert_array_equal(
         _first(eval_ds)[..., 0], (np.floor(test / 8) / 31).astype(np.float32))
 
 
 def test_dynamic_binarisation(small_fashion_dir):
     folder, _, test = small_fashion_dir
-    config = data.DataConfig(data_dir=str(folder), batch_size=16, binary=True,
-                             seed=7)
-    _, eval_ds, _ = data.make_datasets(config)
+    config = data.DataConfig("fashion_mnist", data_dir=str(folder),
+                             batch_size=16, binary=True)
+    _, eval_ds, _ = data.make_datasets(config, seed=7)
     passes = 200
     draws = np.stack([_first(eval_ds)[..., 0] for _ in range(passes)])
     assert set(np.unique(draws)) <= {0.0, 1.0}
@@ -208,7 +212,7 @@ def test_dynamic_binarisation(small_fashion_dir):
     assert frequency[test == 0].max() == 0.0
     assert frequency[test == 255].min() == 1.0
     # Deterministic: a rebuilt pipeline draws the same sequence.
-    _, again, _ = data.make_datasets(config)
+    _, again, _ = data.make_datasets(config, seed=7)
     np.testing.assert_array_equal(_first(again)[..., 0], draws[0])
     np.testing.assert_array_equal(_first(again)[..., 0], draws[1])
 
@@ -312,7 +316,7 @@ def test_tfds_missing_data_fails_fast(tmp_path):
 
 @needs_tfds
 def test_registry_names_tfds_builders():
-    for source in data._SOURCES.values():
+    for source in datasets.DATASETS.values():
         if source.tfds_name is None:
             continue
         builder_name, _, builder_config = source.tfds_name.partition("/")
@@ -473,7 +477,6 @@ def test_find_undecodable_images(folder_with_bad_images):
     (dict(dataset="svhn"), "dataset"),
     (dict(dataset="ffhq"), "dataset"),
     (dict(batch_size=0), "batch_size"),
-    (dict(seed=-1), "seed"),
     (dict(shuffle_buffer=0), "shuffle_buffer"),
     (dict(num_x_bits=9), "num_x_bits"),
     (dict(binary="yes"), "binary"),
@@ -482,12 +485,25 @@ def test_find_undecodable_images(folder_with_bad_images):
     (dict(dataset="mnist", image_size=32), "image_size"),
     (dict(dataset="image_folder", data_dir="/x", image_channels=3),
      "image_size"),
-    (dict(dataset="image_folder", image_size=8, image_channels=3),
-     "data_dir"),
 ])
 def test_data_config_validation(kwargs, field):
-    with pytest.raises(ValueError, match=f"DataConfig.{field}="):
-        data.DataConfig(**kwargs)
+    with pytest.raises(config_lib.ConfigError) as err:
+        data.DataConfig(**{"dataset": "fashion_mnist", **kwargs})
+    assert err.value.field == field
+
+
+def test_image_folder_needs_its_folder_when_opened():
+    config = data.DataConfig("image_folder", image_size=8, image_channels=3)
+    with pytest.raises(config_lib.ConfigError) as err:
+        data.make_datasets(config)
+    assert err.value.field == "data_dir"
+
+
+def test_make_datasets_refuses_a_negative_seed(small_fashion_dir):
+    folder, _, _ = small_fashion_dir
+    with pytest.raises(ValueError, match="seed=-1"):
+        data.make_datasets(data.DataConfig("fashion_mnist",
+                                           data_dir=str(folder)), seed=-1)
 
 
 def test_ffhq_points_to_image_folder():
@@ -497,20 +513,21 @@ def test_ffhq_points_to_image_folder():
 
 def test_batch_larger_than_training_set(small_fashion_dir):
     folder, _, _ = small_fashion_dir
-    with pytest.raises(ValueError, match="batch_size=64"):
-        data.make_datasets(data.DataConfig(data_dir=str(folder),
+    with pytest.raises(config_lib.ConfigError,
+                       match="batch_size: 64 is too large"):
+        data.make_datasets(data.DataConfig("fashion_mnist",
+                                           data_dir=str(folder),
                                            batch_size=64))
 
 
 def test_agrees_with_model_config():
-    assert set(data.DATASETS) == set(config_lib.DATASETS)
-    for name in data.DATASETS:
+    for name in config_lib.DATASETS:
         if name in ("ffhq", "image_folder"):
             continue
         model = config_lib.NVAEConfig(dataset=name)
         data_config = data.DataConfig.from_model_config(model, batch_size=2)
         assert data_config.image_shape == model.data_shape, name
-        assert data_config.is_binary == (name in config_lib.BINARY_DATASETS)
+        assert data_config.is_binary == (name in ("mnist", "omniglot"))
     folder = config_lib.NVAEConfig(dataset="image_folder", image_size=64,
                                    image_channels=3)
     data_config = data.DataConfig.from_model_config(

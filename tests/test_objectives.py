@@ -166,7 +166,7 @@ def test_weight_decay_norm_coeff_constant_without_anneal():
     ((-1.0, 1.0, False), "weight_decay_norm"),
 ])
 def test_weight_decay_norm_coeff_errors(args, name):
-    with pytest.raises(ValueError, match=f"`{name}`"):
+    with pytest.raises(ValueError, match=f"^{name}: "):
         weight_decay_norm_coeff(0.5, *args[:2], anneal=args[2])
 
 
@@ -342,15 +342,17 @@ def test_compute_loss_in_tf_function_matches_eager(model, batch, regime):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(total_steps=0), "total_steps=0"),
-    (dict(kl_anneal_portion=1.5), "kl_anneal_portion=1.5"),
-    (dict(kl_anneal_portion=0.0), "kl_anneal_portion=0"),
-    (dict(kl_const_portion=-0.1), "kl_const_portion=-0.1"),
-    (dict(kl_const_coeff=2.0), "kl_const_coeff=2.0"),
-    (dict(weight_decay_norm=-1e-2), "weight_decay_norm=-0.01"),
-    (dict(weight_decay_norm_anneal=True), "weight_decay_norm_anneal"),
+    (dict(total_steps=0), "^total_steps: 0 is invalid"),
+    (dict(kl_anneal_portion=1.5), "^kl_anneal_portion: 1.5 is invalid"),
+    (dict(kl_anneal_portion=0.0),
+     r"^kl_anneal_portion: 0.0 is invalid.*\(0, 1\]"),
+    (dict(kl_const_portion=-0.1), "^kl_const_portion: -0.1 is invalid"),
+    (dict(kl_const_coeff=2.0), "^kl_const_coeff: 2.0 is invalid"),
+    (dict(weight_decay_norm=-1e-2), "^weight_decay_norm: -0.01 is invalid"),
+    (dict(weight_decay_norm_anneal=True),
+     "^weight_decay_norm: 0.0 is invalid.*weight_decay_norm_anneal"),
     (dict(weight_decay_norm_anneal=True, weight_decay_norm=1e-2,
-          weight_decay_norm_init=0.0), "weight_decay_norm_init > 0"),
+          weight_decay_norm_init=0.0), "^weight_decay_norm_init: 0.0 is inv"),
 ])
 def test_objective_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from nvae_tf.experiment import ExperimentConfig
 from nvae_tf.training import checkpoints
 from tests.conftest import make_tiny_config
 from tests.training import helpers as train_helpers
@@ -51,7 +52,8 @@ def _train(*args, **kwargs):
 def config_only_dir(tmp_path):
     """A model directory with config.json and no checkpoint."""
     model_dir = str(tmp_path / "model")
-    checkpoints.write_config(model_dir, {"model": make_tiny_config().to_dict()})
+    checkpoints.write_config(model_dir,
+                             ExperimentConfig.for_model(make_tiny_config()))
     return model_dir
 
 

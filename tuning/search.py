@@ -25,6 +25,7 @@ import os
 import keras_tuner as kt
 from absl import app, flags, logging
 
+from nvae_tf import flagfiles
 from nvae_tf.training import flags as nvae_flags
 from tuning import space as space_lib
 from tuning import tuner as tuner_lib
@@ -132,7 +133,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        base_config = nvae_flags.from_flags(FLAGS)[0]
+        base_config = nvae_flags.from_flags(FLAGS).model
         space = space_lib.load_space(FLAGS.search_space)
     except ValueError as err:
         raise app.UsageError(str(err)) from err
@@ -153,6 +154,11 @@ def main(argv):
           f"{os.path.join(tuner.project_dir, 'best.cfg')}")
 
 
-if __name__ == "__main__":
+def cli():
+    """Entry point of `nvae-tune` and `python -m tuning.search`."""
     nvae_flags.define_flags()
-    app.run(main)
+    app.run(main, argv=flagfiles.command_line(__name__, nvae_flags))
+
+
+if __name__ == "__main__":
+    cli()

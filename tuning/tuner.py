@@ -18,9 +18,9 @@ import keras_tuner as kt
 from absl import logging
 
 from nvae_tf.config import NVAEConfig
+from nvae_tf.training.log import EVAL_HISTORY_FILE
 from tuning import space as space_lib
 
-EVAL_HISTORY_FILE = "eval_history.jsonl"  # written by nvae_tf.training.trainer
 TRIAL_INFO_FILE = "trial_info.json"
 OUTPUT_TAIL_LINES = 40  # lines of a failed trainer's output to report
 

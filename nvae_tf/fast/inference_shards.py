@@ -1,4 +1,4 @@
-"""Batch shards: inference on one CPU core per part of the batch.
+"""Inference shards: one CPU core per part of the batch, at the model boundary.
 
 In inference every image is independent (batch norm uses its running
 statistics), so a batch can be cut into S parts that run as S independent
@@ -11,106 +11,35 @@ sampling on a CPU faster than one chain with all intra-op threads
 split over all cores) shards gain nothing; `configure_shard_threads`
 sets the threads that pair with them.
 
-The noise of the whole batch is drawn before the cut and the parts are
-concatenated in order, so a sharded call returns what the unsharded call
-returns for the same noise (tests/fast/test_inference_shards.py). Tensors made from
-the weights alone (weight-normalised kernels, folded batch norms: methods
-marked `shared_across_shards`) are computed once per call and used by every
-part, not traced and run once per part.
+`forward` and `sample` wrap an `NVAE`: they draw the noise of the whole batch
+first, call the model on every part and join the parts in order, so a
+sharded call returns what the unsharded call returns for the same noise.
+The model knows nothing of shards. Tensors made from the weights alone
+(weight-normalised kernels, folded batch norms) are computed by every part's
+call; with the weights as graph constants (`constant_weights`, the default of
+evaluation and export) constant folding computes them once when the graph is
+optimised.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
 import os
 
 import tensorflow as tf
 
-# Weight-derived tensors of the sharded call being traced or run:
-# {key: (tensor(s), objects the key's ids refer to)}; None outside one.
-_SHARED_WEIGHTS = contextvars.ContextVar("nvae_tf_shared_weights",
-                                         default=None)
+from nvae_tf.fast import graph_options
+from nvae_tf.model import NVAESample
 
 # What `shards=0` means for a CPU process: one shard per core.
 AUTO = 0
 
 
-@contextlib.contextmanager
-def sharing_weights():
-    """Within: `shared_across_shards` methods compute each result once."""
-    token = _SHARED_WEIGHTS.set({})
-    try:
-        yield
-    finally:
-        _SHARED_WEIGHTS.reset(token)
-
-
-def shared_across_shards(method):
-    """Marks a layer method whose result depends on the weights only.
-
-    Inside `sharing_weights()` a call with the same layer and arguments (by
-    identity) in the same graph returns the first call's tensors; elsewhere
-    the method runs as usual.
-    """
-    @functools.wraps(method)
-    def wrapper(self, *args):
-        cache = _SHARED_WEIGHTS.get()
-        if cache is None:
-            return method(self, *args)
-        graph = tf.compat.v1.get_default_graph()
-        key = (id(graph), id(self), method.__name__) + tuple(map(id, args))
-        if key not in cache:
-            cache[key] = (method(self, *args), (graph, self, args))
-        return cache[key][0]
-
-    return wrapper
-
-
-class Parts(tuple):
-    """A training batch held as consecutive parts (training shards).
-
-    Each part is traced as its own chain of ops, so that with one intra-op
-    thread per core the parts run at the same time; only batch norm, whose
-    statistics cover the whole batch, combines them (`layers.norm`). Layers
-    pass `Parts` on through `apply`; per-sample code maps over them with
-    `each`. On plain tensors both call through, so the unsharded graph is
-    unchanged.
-    """
-
-
-def each(fn, *args):
-    """`fn` on every part of the `Parts` among `args`, as `Parts`.
-
-    Arguments that are not `Parts` are passed to every call as they are;
-    with none, this is `fn(*args)`.
-    """
-    sizes = {len(a) for a in args if isinstance(a, Parts)}
-    if not sizes:
-        return fn(*args)
-    if len(sizes) > 1:
-        raise ValueError(f"Parts of different lengths: {sorted(sizes)}.")
-    return Parts(fn(*[a[i] if isinstance(a, Parts) else a for a in args])
-                 for i in range(sizes.pop()))
-
-
-def apply(layer, inputs, **kwargs):
-    """`layer(inputs, **kwargs)`; on `Parts`, parts-aware.
-
-    A layer whose class sets `HANDLES_PARTS` gets all parts at once through
-    its `call` (it holds a batch norm); any other layer is called once per
-    part.
-    """
-    if not isinstance(inputs, Parts):
-        return layer(inputs, **kwargs)
-    if getattr(layer, "HANDLES_PARTS", False):
-        return layer.call(inputs, **kwargs)
-    return Parts(layer(part, **kwargs) for part in inputs)
-
-
 def default_shards() -> int:
-    """One shard per CPU core available to this process."""
+    """One shard per CPU core available to this process on a CPU-only host;
+    1 where a GPU or TPU is visible (the accelerator runs the whole batch
+    as one call; shards only pay on CPU cores)."""
+    if graph_options.accelerator_visible():
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -197,9 +126,7 @@ def run(fn, tensors, batch_size, shards: int, merge):
     """
     def sharded():
         sizes = shard_sizes(batch_size, shards)
-        with sharing_weights():
-            outputs = [fn(part) for part in split(tensors, sizes)]
-        return merge(outputs, sizes)
+        return merge([fn(part) for part in split(tensors, sizes)], sizes)
 
     if shards == 1:
         return fn(list(tensors))
@@ -214,3 +141,91 @@ def batch_weighted_mean(values, sizes):
     stacked = tf.stack(values)
     weights = tf.reshape(weights, [-1] + [1] * (stacked.shape.rank - 1))
     return tf.reduce_sum(stacked * weights, axis=0) / tf.reduce_sum(weights)
+
+
+def _check_shards(shards):
+    if not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be a positive int, got {shards!r}; "
+                         "pass 1 for an unsharded call.")
+    return shards
+
+
+def merge_outputs(outputs, sizes):
+    """One `NVAEOutput` from those of consecutive parts of a batch.
+
+    Per-image fields are concatenated; the per-channel KL of each group (a
+    batch mean) is the mean over the whole batch, not over the parts.
+    """
+    groups = concat([[g._replace(kl_per_channel=None) for g in out.groups]
+                     for out in outputs])
+    per_channel = [batch_weighted_mean(
+        [out.groups[k].kl_per_channel for out in outputs], sizes)
+        for k in range(len(groups))]
+    merged = concat([out._replace(groups=None) for out in outputs])
+    return merged._replace(groups=[
+        g._replace(kl_per_channel=kl) for g, kl in zip(groups, per_channel)])
+
+
+def forward(model, x, shards: int, eps=None, seed=None):
+    """`model(x, training=False, eps=eps, seed=seed)`, the batch in parts.
+
+    Args:
+      model: an `NVAE`.
+      x: float images [B, H, W, C] in [0, 1].
+      shards: number of parts (1: the model's own call).
+      eps, seed: the noise, as for `NVAE.call`; drawn for the whole batch
+        before the cut.
+
+    Returns:
+      The `NVAEOutput` of the whole batch.
+    """
+    if _check_shards(shards) == 1:
+        return model(x, training=False, eps=eps, seed=seed)
+    x = tf.convert_to_tensor(x)
+    batch_size = static_batch_size(x)
+    noise = model.latent_noise(batch_size, eps, seed)
+    return run(lambda part: model(part[0], training=False, eps=part[1:]),
+               [x] + noise, batch_size, shards, merge_outputs)
+
+
+def sample(model, num_samples, shards: int, temperature=1.0, eps=None,
+           seed=None, latents_given=None):
+    """`model.sample(...)` in inference mode, the batch decoded in parts.
+
+    The noise (and the given latents) are cut into parts, each part is
+    decoded on its own, and the images are drawn from the joined logits, so
+    the result equals the unsharded one.
+
+    Args:
+      model: an `NVAE`.
+      num_samples: N, a Python int or scalar int tensor.
+      shards: number of parts (1: the model's own `sample`).
+      temperature, eps, seed, latents_given: as for `NVAE.sample`.
+
+    Returns:
+      `NVAESample` of the whole batch.
+    """
+    if _check_shards(shards) == 1:
+        return model.sample(num_samples, temperature, eps=eps, seed=seed,
+                            latents_given=latents_given)
+    if isinstance(num_samples, int):
+        batch_size = num_samples
+    else:
+        batch_size = tf.convert_to_tensor(num_samples, tf.int32)
+    noise = model.latent_noise(batch_size, eps, seed)
+    groups = len(noise)
+    given = latents_given or [None] * groups
+    if len(given) != groups:
+        raise ValueError(f"latents_given has {len(given)} entries; the "
+                         f"model has {groups} groups.")
+    # Given latents are cut with the noise; a None entry is replaced by the
+    # group's noise for the cut and dropped again.
+    is_given = [z is not None for z in given]
+    logits, zs = run(
+        lambda part: model.decode_prior(
+            part[:groups], temperature, latents_given=[
+                z if g else None for z, g in zip(part[groups:], is_given)]),
+        noise + [z if g else n for z, n, g in zip(given, noise, is_given)],
+        batch_size, shards, lambda parts, _: concat(parts))
+    return NVAESample(images=model.images_from_logits(logits, seed),
+                      logits=logits, z=zs)

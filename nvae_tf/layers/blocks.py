@@ -8,7 +8,6 @@ import math
 import keras
 import tensorflow as tf
 
-from nvae_tf.fast.inference_shards import apply, each, shared_across_shards
 from nvae_tf.layers.conv import ConvBNSwish, WeightNormConv2D, upsample_nearest
 from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.tracking import CheckpointableCollections
@@ -123,16 +122,14 @@ class InvertedResidual(keras.layers.Layer):
         self.project.build(shape)
         self.bn_out.build(_conv_shape(shape, self.filters))
 
-    HANDLES_PARTS = True  # holds batch norms
-
     def call(self, inputs, training=None):
         if not training:
             return self.inference(inputs)
-        x = each(upsample_nearest, inputs) if self.upsample else inputs
-        x = apply(self.bn_in, x, training=training)
-        x = apply(self.expand, x, training=training)
-        x = apply(self.depthwise, x, training=training)
-        return apply(self.bn_out, apply(self.project, x), training=training)
+        x = upsample_nearest(inputs) if self.upsample else inputs
+        x = self.bn_in(x, training=training)
+        x = self.expand(x, training=training)
+        x = self.depthwise(x, training=training)
+        return self.bn_out(self.project(x), training=training)
 
     def inference(self, inputs):
         """Inference mode: every BN folded into a convolution.
@@ -151,7 +148,6 @@ class InvertedResidual(keras.layers.Layer):
             *self.bn_out.inference_affine())
         return self.project.convolve(x, kernel, bias)
 
-    @shared_across_shards
     def _folded_expansion(self):
         """Kernel and bias of bn_in -> 1x1 expansion -> its BN."""
         kernel, bias = self.expand.conv.folded_kernel_and_bias(
@@ -237,6 +233,26 @@ class FactorizedReduce(CheckpointableCollections, keras.layers.Layer):
         return config
 
 
+def resize_bilinear_align_corners(images, size):
+    """Bilinear resize with the corner pixels' centres aligned (float32).
+
+    NVAE up-samples with PyTorch's `align_corners=True`, which `tf.image.resize`
+    does not offer (it samples at half-pixel centres). The ResizeBilinear op
+    with `align_corners=True` computes exactly that and is what the
+    deprecated `tf.compat.v1.image.resize_bilinear` ran.
+
+    Args:
+      images: [B, H, W, C] float tensor.
+      size: int32 [2], the output height and width.
+
+    Returns:
+      [B, size[0], size[1], C] float32.
+    """
+    return tf.raw_ops.ResizeBilinear(images=images, size=size,
+                                     align_corners=True,
+                                     half_pixel_centers=False)
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class UpsampleSkip(keras.layers.Layer):
     """Up-sampling skip: bilinear x2 (align_corners=True), 1x1 conv, no bias."""
@@ -258,8 +274,7 @@ class UpsampleSkip(keras.layers.Layer):
         # first works on a quarter of the pixels and resizes fewer channels.
         y = self.conv(inputs)
         size = tf.shape(inputs)[1:3] * 2
-        up = tf.compat.v1.image.resize_bilinear(y, size, align_corners=True)
-        return tf.cast(up, y.dtype)
+        return tf.cast(resize_bilinear_align_corners(y, size), y.dtype)
 
     def compute_output_shape(self, input_shape):
         return _conv_shape(input_shape, self.filters, 2.0)

@@ -11,7 +11,6 @@ import re
 
 import keras
 
-from nvae_tf.fast.inference_shards import apply, each
 from nvae_tf.config import ARCH_INSTANCES
 from nvae_tf.layers.blocks import (FactorizedReduce, InvertedResidual,
                                    SqueezeExcite, UpsampleSkip)
@@ -103,17 +102,15 @@ class ResidualCell(CheckpointableCollections, keras.layers.Layer):
         if self.se is not None:
             self.se.build(shape)
 
-    HANDLES_PARTS = True  # holds batch norms
-
     def call(self, inputs, training=None):
         if training:
             branch = inputs
             for op in self.ops:
-                branch = apply(op, branch, training=training)
+                branch = op(branch, training=training)
         else:
             branch = self._inference_branch(inputs)
-        skip = inputs if self.skip is None else apply(self.skip, inputs)
-        return each(self._join, skip, branch)
+        skip = inputs if self.skip is None else self.skip(inputs)
+        return self._join(skip, branch)
 
     def _join(self, skip, branch):
         if self.se is not None:  # the 0.1 goes into the SE gate

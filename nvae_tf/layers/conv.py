@@ -16,7 +16,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from nvae_tf.fast.inference_shards import apply, each, shared_across_shards
 from nvae_tf.layers.norm import BatchNorm
 
 WEIGHT_NORM_EPS = 1e-5  # added to ||v|| in the denominator
@@ -178,7 +177,6 @@ class WeightNormConv2D(keras.layers.Layer):
         return tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=self._norm_axes,
                                      keepdims=True))
 
-    @shared_across_shards
     def effective_kernel(self):
         """The kernel the convolution uses (masked and weight-normalised)."""
         kernel = self._masked_kernel()
@@ -204,7 +202,6 @@ class WeightNormConv2D(keras.layers.Layer):
         p = self.padding
         return [[0, 0], [p, p], [p, p], [0, 0]]
 
-    @shared_across_shards
     def folded_kernel_and_bias(self, scale, shift):
         """Kernel and bias of this conv followed by `y * scale + shift`.
 
@@ -306,12 +303,10 @@ class ConvBNSwish(keras.layers.Layer):
         self.conv.build(input_shape)
         self.bn.build(self.conv.compute_output_shape(input_shape))
 
-    HANDLES_PARTS = True  # holds a batch norm
-
     def call(self, inputs, training=None):
         if not training:
             return self.inference(inputs)
-        return apply(self.bn, apply(self.conv, inputs), training=training)
+        return self.bn(self.conv(inputs), training=training)
 
     def inference(self, inputs):
         """Inference mode with the BN folded into the convolution."""
@@ -372,13 +367,11 @@ class BNSwishConv(keras.layers.Layer):
             shape[1], shape[2] = 2 * shape[1], 2 * shape[2]
         self.conv.build(tuple(shape))
 
-    HANDLES_PARTS = True  # holds a batch norm
-
     def call(self, inputs, training=None):
-        y = apply(self.bn, inputs, training=training)
+        y = self.bn(inputs, training=training)
         if self.upsample:
-            y = each(upsample_nearest, y)
-        return apply(self.conv, y)
+            y = upsample_nearest(y)
+        return self.conv(y)
 
     def inference(self, inputs, normalized=False, next_bn=None):
         """Inference mode; BNs folded where that is exact.

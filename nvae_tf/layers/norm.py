@@ -11,8 +11,6 @@ replicas of a `tf.distribute` strategy.
 import keras
 import tensorflow as tf
 
-from nvae_tf.fast.inference_shards import Parts, shared_across_shards
-
 BN_MOMENTUM = 0.95  # Keras convention; PyTorch/NVAE momentum 0.05.
 BN_EPSILON = 1e-5
 
@@ -74,89 +72,6 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
     return forward(x, gamma, beta)
 
 
-def _part_moments(x, count, gamma, beta, epsilon):
-    """Mean and biased variance of x over N, H, W.
-
-    From the fused training-mode kernel (faster on this CPU than
-    `tf.nn.moments`' three passes; its normalised output is unused).
-    """
-    _, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x, scale=gamma, offset=beta, mean=tf.zeros([0]),
-        variance=tf.zeros([0]), epsilon=epsilon, is_training=True)
-    return mean, _biased(unbiased, count)
-
-
-def _batch_norm_parts_training(xs, gamma, beta, epsilon, swish):
-    """Training-mode BN [then Swish] of a batch held as parts.
-
-    The statistics are those of the whole batch: each part's mean and
-    variance, combined (Chan et al.'s pairwise formula, as synchronised BN
-    does across GPUs). Each part is then normalised, and in the backward
-    pass differentiated, on its own chain of ops; the two sums the gradient
-    needs over the whole batch are combined the same way. As in
-    `_batch_norm_swish_training`, BN(x) is recomputed for Swish's gradient
-    instead of kept.
-
-    Returns (list of outputs, batch mean, unbiased batch variance); no
-    gradient flows back from the statistics.
-    """
-    num_parts = len(xs)
-
-    @tf.custom_gradient
-    def forward(*inputs):
-        xs, gamma, beta = inputs[:num_parts], *inputs[num_parts:]
-        counts = [tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-                  for x in xs]
-        total = tf.add_n(counts)
-        moments = [_part_moments(x, n, gamma, beta, epsilon)
-                   for x, n in zip(xs, counts)]
-        mean = tf.add_n([n * m for n, (m, _) in zip(counts, moments)]) / total
-        variance = tf.add_n([n * (v + tf.square(m - mean))
-                             for n, (m, v) in zip(counts, moments)]) / total
-        unbiased = variance * total / tf.maximum(total - 1.0, 1.0)
-
-        def normalize(x):
-            return _normalize(x, gamma, beta, mean, variance, epsilon)
-
-        def grad(*output_grads):
-            d_xs, d_gammas, d_betas = [], [], []
-            for x, d_out in zip(xs, output_grads[:num_parts]):
-                # Not before the backward pass reaches this layer: the
-                # executor would run it as soon as x is ready and keep the
-                # results (see `_batch_norm_swish_training`).
-                with tf.control_dependencies([d_out]):
-                    if swish:
-                        d_out = _swish_backprop(d_out, normalize(x))
-                    # With the statistics as given: gamma rstd d, and the
-                    # part's sums of d x_hat and d.
-                    d_x, d_gamma, d_beta, *_ = \
-                        tf.raw_ops.FusedBatchNormGradV3(
-                            y_backprop=d_out, x=x, scale=gamma,
-                            reserve_space_1=mean, reserve_space_2=variance,
-                            reserve_space_3=tf.zeros([0]), epsilon=epsilon,
-                            is_training=False)
-                d_xs.append(d_x)
-                d_gammas.append(d_gamma)
-                d_betas.append(d_beta)
-            d_gamma, d_beta = tf.add_n(d_gammas), tf.add_n(d_betas)
-            # The whole batch's terms: d_x = gamma rstd (d - mean(d)
-            # - x_hat mean(d x_hat)), with x_hat = (x - mean) rstd.
-            rstd = tf.math.rsqrt(variance + epsilon)
-            scale = gamma * rstd
-            slope = -scale * rstd * d_gamma / total
-            shift = -scale * d_beta / total - slope * mean
-            d_xs = [d_x + (x * slope + shift) for x, d_x in zip(xs, d_xs)]
-            return d_xs + [d_gamma, d_beta]
-
-        ys = [normalize(x) for x in xs]
-        if swish:
-            ys = [tf.nn.silu(y) for y in ys]
-        return (ys, mean, unbiased), grad
-
-    ys, mean, unbiased = forward(*xs, gamma, beta)
-    return list(ys), mean, unbiased
-
-
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class BatchNorm(keras.layers.Layer):
     """Batch normalisation over N, H, W of NHWC input, optionally + Swish.
@@ -210,11 +125,7 @@ class BatchNorm(keras.layers.Layer):
         unbiased = variance * count / tf.maximum(count - 1.0, 1.0)
         return mean, variance, unbiased
 
-    HANDLES_PARTS = True  # the statistics cover all parts of a batch
-
     def call(self, inputs, training=None):
-        if isinstance(inputs, Parts):  # training shards
-            return self._call_parts(inputs)
         x = tf.cast(inputs, tf.float32)
         gamma = tf.convert_to_tensor(self.gamma)
         beta = tf.convert_to_tensor(self.beta)
@@ -245,23 +156,6 @@ class BatchNorm(keras.layers.Layer):
             y = tf.nn.silu(y)
         return tf.cast(y, self.compute_dtype)
 
-    def _call_parts(self, parts):
-        """Training-mode `call` on `Parts` (only training shards make them,
-        `NVAE.call`): the statistics of all parts together."""
-        ctx = tf.distribute.get_replica_context()
-        if self.synchronized and ctx is not None \
-                and ctx.num_replicas_in_sync > 1:
-            raise ValueError(
-                "Training shards cannot be combined with synchronised batch "
-                "norm across replicas; use one of them.")
-        ys, mean, unbiased = _batch_norm_parts_training(
-            [tf.cast(x, tf.float32) for x in parts],
-            tf.convert_to_tensor(self.gamma),
-            tf.convert_to_tensor(self.beta), self.epsilon,
-            swish=self.activation == "swish")
-        self._update_moving_statistics(mean, unbiased)
-        return Parts(tf.cast(y, self.compute_dtype) for y in ys)
-
     def _update_moving_statistics(self, mean, unbiased):
         decay = 1.0 - self.momentum
         self.moving_mean.assign(self.moving_mean * self.momentum +
@@ -269,7 +163,6 @@ class BatchNorm(keras.layers.Layer):
         self.moving_variance.assign(self.moving_variance * self.momentum +
                                     decay * tf.stop_gradient(unbiased))
 
-    @shared_across_shards
     def inference_affine(self):
         """(scale, shift) with inference-mode BN(x) = x * scale + shift."""
         scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)

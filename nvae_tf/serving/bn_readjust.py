@@ -24,7 +24,6 @@ instead of being cached or used.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
+
+from nvae_tf.training import checkpoints
 
 READJUST_PASSES = 500  # official number of sample() passes
 READJUST_BATCH_SIZE = 16  # official batch in `evaluate.py --eval_mode sample`
@@ -47,7 +48,7 @@ class ReadjustResult(NamedTuple):
     """Re-estimated statistics and where they came from.
 
     Attributes:
-      statistics: {variable key: float32 array}, see `statistic_key`.
+      statistics: {variable key: float32 array}, see `checkpoints.variable_key`.
       from_cache: True if read from `cache_path` (no sampling was run).
       cache_path: the cache file, or None without a model directory.
       metadata: the settings the statistics belong to.
@@ -59,14 +60,9 @@ class ReadjustResult(NamedTuple):
     metadata: dict
 
 
-def statistic_key(variable) -> str:
-    """A variable's path inside the model (the model's name stripped)."""
-    return variable.path.split("/", 1)[-1]
-
-
 def _statistic_variables(model):
     """[(key, variable)] of every BatchNorm moving mean and variance."""
-    pairs = [(statistic_key(getattr(bn, name)), getattr(bn, name))
+    pairs = [(checkpoints.variable_key(getattr(bn, name)), getattr(bn, name))
              for bn in model.batchnorm_layers() for name in _STAT_NAMES]
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -93,20 +89,6 @@ def set_statistics(model, statistics: dict) -> None:
             raise ValueError(f"{key}: statistics of shape {value.shape}, the "
                              f"model has {tuple(variable.shape)}.")
         variable.assign(value)
-
-
-def weights_fingerprint(model) -> str:
-    """SHA-256 of the trainable weights (paths and bytes), hex.
-
-    Paths exclude the model's name, which Keras numbers per process
-    (`nvae`, `nvae_1`, ...), so every process gets the same fingerprint.
-    """
-    digest = hashlib.sha256()
-    for key, variable in sorted((statistic_key(v), v)
-                                for v in model.trainable_variables):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
-    return digest.hexdigest()
 
 
 def temperature_tag(temperature: float) -> str:
@@ -206,7 +188,9 @@ def readjusted_statistics(model, temperature: float,
     """
     meta = {"format": CACHE_FORMAT, "temperature": float(temperature),
             "num_passes": int(num_passes), "batch_size": int(batch_size),
-            "seed": int(seed), "weights_sha256": weights_fingerprint(model)}
+            "seed": int(seed),
+            "weights_sha256": checkpoints.weights_fingerprint(
+                model.trainable_variables)}
     path = cache_path(model_dir, temperature) if model_dir else None
     keys = {k for k, _ in _statistic_variables(model)}
     if path and tf.io.gfile.exists(path):
@@ -259,8 +243,8 @@ def traced_with_statistics(model, statistics: dict):
         for bn in model.batchnorm_layers():
             for name in _STAT_NAMES:
                 original = getattr(bn, name)
-                value = np.asarray(statistics[statistic_key(original)],
-                                   np.float32)
+                key = checkpoints.variable_key(original)
+                value = np.asarray(statistics[key], np.float32)
                 replacement = tf.Variable(
                     value, trainable=False,
                     name=f"readjusted_{name}")

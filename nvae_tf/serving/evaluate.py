@@ -40,6 +40,7 @@ density of 8-bit pixels, each bin's mass spread evenly over its 8-bit values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from absl import flags, logging
 
 from nvae_tf import cli as cli_lib
 from nvae_tf import data
+from nvae_tf import flagfiles
 from nvae_tf.fast import inference_shards as batch_shards
 
 from nvae_tf.serving import bn_readjust
@@ -61,13 +63,13 @@ from nvae_tf.serving import images
 
 from nvae_tf.serving import inference
 from nvae_tf.fast.constant_weights import with_constant_weights
+from nvae_tf.config import ConfigError
+from nvae_tf.datasets import SOURCE_BITS
 from nvae_tf.objectives import bits_per_dim
 
 # Modes whose batches run as batch shards (`--inference_shards`).
 SHARDED_MODES = ("nll", "sample")
 
-SOURCE_BITS = 8
-DEFAULT_BATCH_SIZE = 32  # when neither the flag nor config.json sets one
 MODES = ("nll", "sample", "reconstruct", "interpolate")
 
 
@@ -117,7 +119,7 @@ def importance_weighted_nll(model, dataset, num_iw_samples: int,
       seed: seed of the posterior noise.
       total_images: size of the dataset, for the progress bar.
       progress: show a progress bar (counts forward passes).
-      shards: batch shards of each forward (`batch_shards`; same result).
+      shards: batch shards of each forward (`inference_shards`; same result).
       constant_weights: trace with the weights as constants
         (`constant_weights`; same result, faster per pass).
 
@@ -187,14 +189,14 @@ def generate_samples(model, num_samples: int, temperature: float,
 
     Latents at `temperature`, pixels from the image distribution at t = 1
     (official `evaluate.py`), stateless noise from `seed`; `shards`: batch
-    shards of each draw (`batch_shards`; same images); `constant_weights`:
-    the model's current weights as constants (`constant_weights`; same
-    images).
+    shards of each draw (`inference_shards`; same images);
+    `constant_weights`: the model's current weights as constants
+    (`constant_weights`; same images).
     """
 
     def sample_images(n, draw_seed):
-        return model.sample(n, temperature, seed=draw_seed,
-                            shards=shards).images
+        return batch_shards.sample(model, n, shards, temperature,
+                                   seed=draw_seed).images
 
     draw = tf.function(
         with_constant_weights(model, sample_images) if constant_weights
@@ -255,8 +257,9 @@ def define_flags():
                       "naming them, skip leaves them out with a warning; "
                       "default: config.json's, else scan.")
     flags.DEFINE_integer("batch_size", 0,
-                         "Images per batch; 0: config.json's batch size (the "
-                         f"official default), else {DEFAULT_BATCH_SIZE}.",
+                         "Images per batch; 0: config.json's batch size "
+                         "(the data section's default for a converted "
+                         "official checkpoint).",
                          lower_bound=0)
     flags.DEFINE_integer("seed", 1, "Seed of every random draw.")
     flags.DEFINE_integer("num_iw_samples", 1000,
@@ -272,7 +275,8 @@ def define_flags():
         "inference_shards", batch_shards.AUTO,
         "nll/sample: cut every batch into this many parts that run on their "
         "own core (1 intra-op thread, this many inter-op threads; same "
-        "results). 0: one per CPU core; 1: off (TensorFlow's threads).",
+        "results). 0: one per CPU core on a CPU-only host, 1 where a GPU or "
+        "TPU is visible; 1: off (TensorFlow's threads).",
         lower_bound=0)
     flags.DEFINE_bool(
         "constant_weights", True,
@@ -313,29 +317,20 @@ def define_flags():
     flags.mark_flag_as_required("model_dir")
 
 
-def _section_value(sections, key):
-    for name in ("data", "train"):
-        value = sections.get(name, {})
-        if isinstance(value, dict) and value.get(key) is not None:
-            return value[key]
-    return None
-
-
-def _eval_dataset(config, sections):
-    batch_size = FLAGS.batch_size or _section_value(
-        sections, "batch_size") or DEFAULT_BATCH_SIZE
-    data_dir = FLAGS.data_dir or _section_value(sections, "data_dir")
-    image_check = FLAGS.image_check or _section_value(
-        sections, "image_check") or "scan"
+def _eval_dataset(experiment):
+    """The evaluation split of the model directory's data section, with
+    --batch_size, --data_dir and --image_check if given."""
+    data_config = experiment.data
     try:
-        data_config = data.DataConfig.from_model_config(
-            config, batch_size=int(batch_size), seed=FLAGS.seed,
-            data_dir=data_dir, image_check=image_check)
-    except ValueError as err:
+        data_config = dataclasses.replace(
+            data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
+            data_dir=FLAGS.data_dir or data_config.data_dir,
+            image_check=FLAGS.image_check or data_config.image_check)
+        _, eval_ds, info = data.make_datasets(data_config, seed=FLAGS.seed)
+    except ConfigError as err:
         raise cli_lib.UserError(
             f"{err} (the data settings come from --data_dir, --batch_size "
             f"and {FLAGS.model_dir}/config.json)") from err
-    _, eval_ds, info = data.make_datasets(data_config)
     return eval_ds, info
 
 
@@ -347,7 +342,7 @@ def _output(default_name):
 
 def run_nll(loaded):
     model = loaded.model
-    eval_ds, info = _eval_dataset(model.config, loaded.sections)
+    eval_ds, info = _eval_dataset(loaded.experiment)
     result = importance_weighted_nll(
         model, eval_ds, FLAGS.num_iw_samples, FLAGS.iw_samples_per_pass,
         max_images=FLAGS.max_images or None, seed=FLAGS.seed,
@@ -388,7 +383,7 @@ def run_sample(loaded):
 
 def run_reconstruct(loaded):
     model = loaded.model
-    eval_ds, _ = _eval_dataset(model.config, loaded.sections)
+    eval_ds, _ = _eval_dataset(loaded.experiment)
     x = take_images(eval_ds, FLAGS.num_images)
     recon = inference.reconstruct(model, x).numpy()
     columns = FLAGS.grid_columns or min(8, len(x))
@@ -400,7 +395,7 @@ def run_reconstruct(loaded):
 
 def run_interpolate(loaded):
     model = loaded.model
-    eval_ds, _ = _eval_dataset(model.config, loaded.sections)
+    eval_ds, _ = _eval_dataset(loaded.experiment)
     x = take_images(eval_ds, 2 * FLAGS.num_pairs)
     x_start, x_end = x[0::2], x[1::2]
     paths = inference.interpolate(model, x_start, x_end,
@@ -444,7 +439,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.evaluate`."""
     define_flags()
-    cli_lib.run(main)
+    cli_lib.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

@@ -55,9 +55,11 @@ import tensorflow as tf
 from absl import flags, logging
 
 from nvae_tf import cli as cli_lib
+from nvae_tf import flagfiles
 from nvae_tf.serving import bn_readjust
 
 from nvae_tf.serving import inference
+from nvae_tf.fast import inference_shards
 from nvae_tf.fast.constant_weights import with_constant_weights
 from nvae_tf.objectives import bits_per_dim
 
@@ -67,6 +69,8 @@ METADATA_FILE = os.path.join("assets.extra", "nvae_tf_export.json")
 SIGNATURES = ("sample", "reconstruct", "log_likelihood", "encode", "decode")
 # The signatures that `inference_shards` and `constant_weights` speed up.
 FAST_SIGNATURES = ("sample", "log_likelihood")
+# Argument names of the weights a signature captures (see `_traced`).
+CAPTURED_INPUT_PREFIX = "captured_"
 
 
 def latent_name(k: int) -> str:
@@ -128,9 +132,9 @@ class _Signatures:
         with tf.control_dependencies(checks):
             num_samples = tf.identity(num_samples)
         # The int64 seed's two 32-bit halves form the stateless seed.
-        out = self.model.sample(num_samples, temperature,
-                                seed=tf.bitcast(seed, tf.int32),
-                                shards=self.shards)
+        out = inference_shards.sample(self.model, num_samples, self.shards,
+                                      temperature,
+                                      seed=tf.bitcast(seed, tf.int32))
         return {"images": inference.images_to_uint8(out.images)}
 
     def reconstruct(self, images):
@@ -140,9 +144,9 @@ class _Signatures:
 
     def log_likelihood(self, images):
         x = self._images(images)
-        out = self.model(x, training=False,
-                         seed=tf.constant(inference.FIXED_NOISE_SEED),
-                         shards=self.shards)
+        out = inference_shards.forward(
+            self.model, x, self.shards,
+            seed=tf.constant(inference.FIXED_NOISE_SEED))
         return {"nelbo_nats": out.nelbo,
                 "bits_per_dim": bits_per_dim(out.nelbo,
                                              self.config.num_pixels)}
@@ -196,11 +200,20 @@ def _traced(fn, input_signature):
     only calls the concrete function traced here: its retrace re-emits that
     call instead of re-running the model code, which keeps the export fast
     and keeps what was traced in a context (`traced_with_statistics`).
+
+    The wrapper captures the traced function's weights (its captured
+    inputs) under valid argument names, `captured_NNNN`. Left to itself, a
+    call of a traced function inside another captures them under numeric
+    ids, which SavedModel signatures cannot use: the save then renames every
+    one of them and logs each renaming (thousands of names per signature).
     """
     concrete = tf.function(fn, input_signature=input_signature,
                            autograph=False).get_concrete_function()
 
     def call_traced(*args):
+        graph = tf.compat.v1.get_default_graph()
+        for k, value in enumerate(concrete.captured_inputs):
+            graph.capture(value, name=f"{CAPTURED_INPUT_PREFIX}{k:04d}")
         return concrete(*args)
 
     function = tf.function(call_traced, input_signature=input_signature,
@@ -252,7 +265,7 @@ def export_saved_model(model, export_dir: str,
       max_samples: largest `num_samples` the `sample` signature accepts.
       overwrite: replace an existing `export_dir`.
       inference_shards: `sample` and `log_likelihood` cut a request's batch
-        into this many parts (`batch_shards`; same outputs). Faster when
+        into this many parts (`inference_shards`; same outputs). Faster when
         the server runs 1 intra-op thread and this many inter-op threads
         (docs/serving.md); with the server's default threads it gains
         nothing.
@@ -410,7 +423,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.export`."""
     define_flags()
-    cli_lib.run(main)
+    cli_lib.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-MAX_PIXEL = 255  # white in 8-bit images
+from nvae_tf.datasets import MAX_PIXEL
+
 GRID_PADDING = 2  # pixels between tiles, as torchvision's make_grid
 GRID_PAD_VALUE = MAX_PIXEL  # white borders: visible on MNIST's black ground
 

@@ -23,10 +23,11 @@ import tensorflow as tf
 
 from nvae_tf import cli
 from nvae_tf import data
+from nvae_tf.datasets import MAX_PIXEL
+from nvae_tf.fast import inference_shards
 
 from nvae_tf.training import checkpoints
 
-MAX_PIXEL = 255
 # Binary models (MNIST, Omniglot) see {0, 1} pixels. Training binarises
 # stochastically; inference on given uint8 images thresholds at mid-grey so
 # that the same image always gets the same score.
@@ -39,7 +40,7 @@ class LoadedModel(NamedTuple):
     """A model directory's model and where its weights came from."""
 
     model: object  # nvae_tf.model.NVAE
-    sections: dict  # all of config.json
+    experiment: object  # nvae_tf.experiment.ExperimentConfig of config.json
     checkpoint_path: str
 
     @property
@@ -57,12 +58,11 @@ def load_model(model_dir: str, checkpoint: str | None = None) -> LoadedModel:
         model (the cause is chained).
     """
     try:
-        _, sections = checkpoints.read_config(model_dir)
+        experiment = checkpoints.read_config(model_dir)
     except ValueError as err:  # unreadable JSON or an invalid config
         raise cli.UserError(f"{err} Fix or replace it (it is written by "
                             "`python -m nvae_tf.train`).") from err
-    path = checkpoint or tf.train.latest_checkpoint(
-        os.path.join(model_dir, checkpoints.CHECKPOINT_SUBDIR))
+    path = checkpoint or checkpoints.latest_checkpoint(model_dir)
     if path is None:
         raise FileNotFoundError(
             f"No checkpoint in {model_dir}/{checkpoints.CHECKPOINT_SUBDIR}: "
@@ -72,7 +72,8 @@ def load_model(model_dir: str, checkpoint: str | None = None) -> LoadedModel:
         model = checkpoints.load_model_dir(model_dir, checkpoint_path=path)
     except ValueError as err:  # a corrupt or mismatched checkpoint
         raise cli.UserError(f"{err} Pass another --checkpoint.") from err
-    return LoadedModel(model=model, sections=sections, checkpoint_path=path)
+    return LoadedModel(model=model, experiment=experiment,
+                       checkpoint_path=path)
 
 
 # ------------------------------------------------------------------ pixels
@@ -172,7 +173,8 @@ def log_weights(model, x, num_samples: int, seed, shards: int = 1):
       x: float images [B, H, W, C] in [0, 1] (bit-reduced / binarised).
       num_samples: k, a Python int.
       seed: stateless seed [2] of the posterior noise.
-      shards: batch shards of the forward (`batch_shards`; same result).
+      shards: batch shards of the forward (`inference_shards`; same
+        result).
 
     Returns:
       (log_w, nelbo), both [k, B] in nats: log_w = log p(x|z) + log p(z) -
@@ -182,8 +184,8 @@ def log_weights(model, x, num_samples: int, seed, shards: int = 1):
     """
     x = tf.convert_to_tensor(x, tf.float32)
     batch_size = tf.shape(x)[0]
-    out = model(tf.tile(x, [num_samples, 1, 1, 1]), training=False,
-                seed=seed, shards=shards)
+    out = inference_shards.forward(
+        model, tf.tile(x, [num_samples, 1, 1, 1]), shards, seed=seed)
     log_w = -out.recon_loss - out.log_q + out.log_p  # [k * B]
     shape = tf.stack([num_samples, batch_size])
     return tf.reshape(log_w, shape), tf.reshape(out.nelbo, shape)

@@ -1,19 +1,17 @@
 """Trainer and runtime settings of `python -m nvae_tf.train`.
 
-`TrainConfig` holds what changes the optimisation (schedule lengths, batch,
+`TrainConfig` holds what changes the optimisation (schedule lengths, seed,
 checkpoint and logging cadence, NaN recovery); `RuntimeConfig` holds where
 and on what the run executes (model directory, tf.distribute strategy,
-precision). Both are built by `nvae_tf.training.flags.from_flags` and saved in
-`MODEL_DIR/config.json` next to the model's `NVAEConfig`, the `DataConfig`
-and the `ObjectiveConfig` (sections `train`, `runtime`, `model`, `data`,
-`objective`).
+precision, synchronized batch norm, graph optimisation), choices that do not
+change the architecture; `RunLength` holds the step counts resolved once the
+training split's size is known. They are sections of
+`nvae_tf.experiment.ExperimentConfig` (`train`, `runtime`, `run`).
 
-Step arithmetic (the official schedules count iterations per process; here
-one global batch is the step, so a run on fewer devices with the same
-global batch keeps the official step counts): one step consumes one
-global batch (`batch_size` images over all replicas), and every schedule is
-counted in these steps. With P = batches per pass over the training split
-(`DataInfo.steps_per_epoch`):
+Step arithmetic: one step consumes one global batch (`DataConfig.batch_size`
+images over all replicas; every replica and worker counts the same steps),
+and every schedule is counted in these steps. With P = batches per pass over
+the training split (`DataInfo.steps_per_epoch`):
 
     steps_per_epoch = TrainConfig.steps_per_epoch or P
     total_steps     = max_steps or epochs * steps_per_epoch
@@ -31,7 +29,8 @@ import dataclasses
 import math
 from typing import Any
 
-from nvae_tf.fast.graph_options import GRAPPLER
+from nvae_tf.config import ConfigError
+from nvae_tf.fast.graph_options import GRAPPLER_CHOICES
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
@@ -46,9 +45,6 @@ class TrainConfig:
     """Optimisation and bookkeeping of a training run.
 
     Attributes:
-      batch_size: GLOBAL batch, images per step over all replicas and
-        workers (official `--batch_size` is per GPU: multiply it by the
-        number of GPUs).
       epochs: training epochs (official `--epochs`).
       warmup_epochs: epochs of linear LR warm-up from 0.
       learning_rate: peak learning rate of Adamax.
@@ -87,7 +83,6 @@ class TrainConfig:
         base name.
     """
 
-    batch_size: int = 200
     epochs: int = 200
     warmup_epochs: int = 5
     learning_rate: float = 1e-2
@@ -111,10 +106,9 @@ class TrainConfig:
 
     def __post_init__(self):
         def fail(field, expected):
-            raise ValueError(f"--{field}={getattr(self, field)!r} is "
-                             f"invalid: expected {expected}.")
+            raise ConfigError.invalid(field, getattr(self, field), expected)
 
-        for name, low in (("batch_size", 1), ("epochs", 1),
+        for name, low in (("epochs", 1),
                           ("warmup_epochs", 0), ("steps_per_epoch", 0),
                           ("max_steps", 0), ("seed", 0),
                           ("checkpoint_every_steps", 0),
@@ -136,30 +130,14 @@ class TrainConfig:
             fail("learning_rate", "> 0")
         if self.learning_rate_min > self.learning_rate:
             fail("learning_rate_min",
-                 f"<= --learning_rate ({self.learning_rate})")
+                 f"<= learning_rate ({self.learning_rate})")
         if self.warmup_epochs >= self.epochs and self.max_steps == 0:
-            fail("warmup_epochs", f"< --epochs ({self.epochs}); the "
+            fail("warmup_epochs", f"< epochs ({self.epochs}); the "
                  "official schedule needs at least one epoch after warm-up")
         if not 0.0 < self.nan_lr_factor < 1.0:
             fail("nan_lr_factor", "a factor in (0, 1)")
         if "/" in self.export_name:
             fail("export_name", "a folder name without '/'")
-
-    def steps_per_epoch_resolved(self, batches_per_pass: int) -> int:
-        """Steps of one epoch, given the batches of one training pass."""
-        return self.steps_per_epoch or batches_per_pass
-
-    def total_steps(self, batches_per_pass: int) -> int:
-        """Steps of the whole run (drives KL warm-up and lambda anneal)."""
-        if self.max_steps:
-            return self.max_steps
-        return self.epochs * self.steps_per_epoch_resolved(batches_per_pass)
-
-    def schedule_epochs(self, batches_per_pass: int) -> int:
-        """Epochs of the LR cosine: `ceil(total_steps / steps_per_epoch)`."""
-        per_epoch = self.steps_per_epoch_resolved(batches_per_pass)
-        return max(1, math.ceil(self.total_steps(batches_per_pass) /
-                                per_epoch))
 
     def eval_every_epochs_resolved(self) -> int:
         if self.eval_every_epochs:
@@ -173,8 +151,50 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunLength:
+    """Step counts of a run, resolved once from the training split's size.
+
+    Attributes:
+      batches_per_pass: P, full global batches in one pass over the
+        training split.
+      steps_per_epoch: steps of one epoch (evaluation cadence, LR cosine).
+      total_steps: steps of the whole run (drives the KL warm-up and the
+        lambda anneal).
+      schedule_epochs: epochs of the LR cosine.
+      num_train / num_eval: examples of the training / evaluation split.
+      replicas: replicas of the strategy that trains.
+    """
+
+    batches_per_pass: int
+    steps_per_epoch: int
+    total_steps: int
+    schedule_epochs: int
+    num_train: int = 0
+    num_eval: int = 0
+    replicas: int = 1
+
+    @classmethod
+    def resolve(cls, train: TrainConfig, batches_per_pass: int,
+                **facts) -> RunLength:
+        """The run length of `train` over a split of `batches_per_pass`
+        batches (module docstring); `facts`: the split sizes, replicas."""
+        per_epoch = train.steps_per_epoch or batches_per_pass
+        total = train.max_steps or train.epochs * per_epoch
+        return cls(batches_per_pass=batches_per_pass,
+                   steps_per_epoch=per_epoch, total_steps=total,
+                   schedule_epochs=max(1, math.ceil(total / per_epoch)),
+                   **facts)
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Where and on what hardware a run executes.
+
+    None of these changes the architecture: a run resumes with other values.
 
     Attributes:
       model_dir: run directory: config.json, checkpoints/, TensorBoard
@@ -189,19 +209,15 @@ class RuntimeConfig:
         slower on CPU).
       num_cpu_devices: if > 1, split the host CPU into this many logical
         devices (to run MirroredStrategy on a CPU-only machine).
-      grappler: Grappler passes of the step functions, a key of
-        `graph_options.GRAPPLER`: `lean` (without the memory optimiser,
-        TFG, layout, loop and implementation-selector passes; faster first
-        step, less memory) or `default` (TensorFlow's).
+      sync_batchnorm: batch statistics over all replicas, as the official
+        SyncBatchNorm (the same as per-replica statistics with one replica).
+      grappler: Grappler passes of the step functions: `auto` (resolved by
+        `graph_options.resolve_grappler`: `lean` on a CPU-only host,
+        `default` when a GPU or TPU is visible), `lean` (without the memory
+        optimiser, TFG, layout, loop and implementation-selector passes;
+        faster first step, less memory on a CPU) or `default` (TensorFlow's).
       require_checkpoint: fail if `model_dir` holds no checkpoint to resume
         (official `--cont_training`).
-      train_shards: batch shards of each replica's step (`batch_shards`):
-        the batch runs as this many parts on one single-threaded chain of
-        ops each, batch norm combining their statistics (the same step,
-        ~10% faster on a 2-core CPU, at more memory and a longer first
-        step); the evaluation batches run sharded too. 0: one per CPU core
-        on a CPU-only machine with one replica, else 1; 1 (default):
-        unsharded, TensorFlow's threads.
     """
 
     model_dir: str = "/tmp/nasvae/expr/eval-exp"
@@ -209,46 +225,38 @@ class RuntimeConfig:
     mixed_precision: str = "none"
     jit_compile: bool = False
     num_cpu_devices: int = 0
-    grappler: str = "lean"
+    sync_batchnorm: bool = True
+    grappler: str = "auto"
     require_checkpoint: bool = False
-    train_shards: int = 1
 
     def __post_init__(self):
+        def fail(field, expected):
+            raise ConfigError.invalid(field, getattr(self, field), expected)
+
         if not self.model_dir:
-            raise ValueError("--model_dir is empty: expected a directory.")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy={self.strategy!r} is invalid: "
-                             f"expected one of {', '.join(STRATEGIES)}.")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"--mixed_precision={self.mixed_precision!r} is invalid: "
-                f"expected one of {', '.join(MIXED_PRECISION)}.")
-        if self.grappler not in GRAPPLER:
-            raise ValueError(f"--grappler={self.grappler!r} is invalid: "
-                             f"expected one of {', '.join(GRAPPLER)}.")
+            fail("model_dir", "a directory")
+        for name, choices in (("strategy", STRATEGIES),
+                              ("mixed_precision", MIXED_PRECISION),
+                              ("grappler", GRAPPLER_CHOICES)):
+            if getattr(self, name) not in choices:
+                fail(name, f"one of {', '.join(choices)}")
+        for name in ("jit_compile", "sync_batchnorm", "require_checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
         if not isinstance(self.num_cpu_devices, int) or \
                 self.num_cpu_devices < 0:
-            raise ValueError(f"--num_cpu_devices={self.num_cpu_devices!r} "
-                             "is invalid: expected an integer >= 0.")
-        if not isinstance(self.train_shards, int) or self.train_shards < 0:
-            raise ValueError(f"--train_shards={self.train_shards!r} is "
-                             "invalid: expected an integer >= 0 (0: one per "
-                             "CPU core).")
-        if self.train_shards > 1 and self.num_cpu_devices > 1:
-            raise ValueError(
-                f"--train_shards={self.train_shards} with --num_cpu_devices="
-                f"{self.num_cpu_devices}: both split the CPU; use one of "
-                "them.")
+            fail("num_cpu_devices", "an integer >= 0")
         if self.strategy == "one_device" and self.num_cpu_devices > 1:
-            raise ValueError(
-                f"--num_cpu_devices={self.num_cpu_devices} with "
-                "--strategy=one_device: the extra devices would be unused; "
-                "use --strategy=mirrored (or auto).")
+            raise ConfigError(
+                "num_cpu_devices",
+                f"{self.num_cpu_devices} with strategy=one_device: the extra "
+                "devices would be unused; use strategy mirrored (or auto).")
         if self.jit_compile and self.strategy in ("mirrored", "multi_worker"):
-            raise ValueError(
-                f"--jit_compile with --strategy={self.strategy}: XLA "
-                "compilation is supported with one replica only (Keras "
-                "3/TF 2.21 fail on mirrored resources, keras#19005).")
+            raise ConfigError(
+                "jit_compile",
+                f"True with strategy={self.strategy}: XLA compilation is "
+                "supported with one replica only (Keras 3/TF 2.21 fail on "
+                "mirrored resources, keras#19005).")
 
     @property
     def keras_dtype_policy(self) -> str:

@@ -3,11 +3,10 @@
 `define_flags()` defines every flag of the official NVAE `train.py` with its
 name and default plus nvae_tf's own (`--model_dir`,
 `--strategy`, ...). `from_flags()` is the only code that reads the flags: it
-checks every value and combination and returns the five config sections
-
-    (NVAEConfig, DataConfig, ObjectiveConfig, TrainConfig, RuntimeConfig)
-
-or raises `FlagError` naming the offending flag, before any work starts.
+checks every value and combination and returns the
+`nvae_tf.experiment.ExperimentConfig`, or raises `FlagError` naming the
+offending flag, before any work starts. The config sections raise
+`ConfigError`s naming a field path; `flag_name` maps a path to its flag.
 
 Differences from the official flags, on purpose:
 - `--batch_size` is the GLOBAL batch (all replicas and workers); the
@@ -28,16 +27,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 from absl import flags
 
 from nvae_tf import config as config_lib
 from nvae_tf import data as data_lib
-from nvae_tf.fast.graph_options import GRAPPLER
-from nvae_tf.training.config import (MIXED_PRECISION, STRATEGIES, RuntimeConfig,
-                                  TrainConfig)
+from nvae_tf import datasets
+from nvae_tf.config import ConfigError, NVAEConfig
+from nvae_tf.experiment import ExperimentConfig, build_section
+from nvae_tf.fast.graph_options import GRAPPLER_CHOICES
 from nvae_tf.objectives import ObjectiveConfig
+from nvae_tf.training.config import (MIXED_PRECISION, STRATEGIES,
+                                     RuntimeConfig, TrainConfig)
 
 TRISTATE = ("auto", "true", "false")
 _TRISTATE_VALUES = {"auto": None, "true": True, "false": False}
@@ -61,7 +62,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "Official results root; --model_dir defaults to "
                     "ROOT/eval-SAVE.", **fv)
     f.DEFINE_string("save", "exp", "Official run id (see --root).", **fv)
-    f.DEFINE_enum("dataset", "mnist", list(config_lib.DATASETS),
+    f.DEFINE_enum("dataset", datasets.DEFAULT_DATASET, list(datasets.NAMES),
                   "Dataset. fashion_mnist is the embedded default of the "
                   "quickstart (Debian package dataset-fashion-mnist); "
                   "image_folder reads PNG/JPEG files from --data_dir; the "
@@ -189,23 +190,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                   **fv)
     f.DEFINE_bool("jit_compile", False,
                   "XLA-compile the step (one replica; slower on CPU).", **fv)
-    f.DEFINE_enum("grappler", "lean", list(GRAPPLER),
+    f.DEFINE_enum("grappler", "auto", list(GRAPPLER_CHOICES),
                   "Grappler passes of the training graphs; lean: without "
                   "the memory optimiser, TFG, layout, loop and "
-                  "implementation-selector passes (first step ~20% less "
-                  "CPU, less memory, same results); default: TensorFlow's.",
-                  **fv)
+                  "implementation-selector passes (on a CPU: first step "
+                  "~20% less CPU, less memory, same results); default: "
+                  "TensorFlow's (what GPUs need); auto: lean on a CPU-only "
+                  "host, default when a GPU or TPU is visible.", **fv)
     f.DEFINE_integer("num_cpu_devices", 0,
                      "Split the CPU into this many logical devices (to run "
                      "MirroredStrategy without GPUs).", **fv)
-    f.DEFINE_integer("train_shards", 1,
-                     "Run each step's batch as this many parts, one single-"
-                     "threaded chain of ops per CPU core (batch norm "
-                     "combines their statistics: the same step, ~10% faster "
-                     "on a 2-core CPU, +100-250 MB, a longer first step); "
-                     "0: one per core on a CPU-only machine with one "
-                     "replica, else 1; 1: unsharded, TensorFlow's threads.",
-                     **fv)
     f.DEFINE_integer("checkpoint_every_steps", 0,
                      "Checkpoint every N steps; 0: every epoch.", **fv)
     f.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.", **fv)
@@ -237,21 +231,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "directory's base name.", **fv)
 
 
-_DATACLASS_FIELD = re.compile(r"\b(?:NVAEConfig|DataConfig)\.(\w+)")
-_LEADING_FIELD = re.compile(r"^(\w+)=")
+# Config fields whose flag has another name (the official one); every other
+# field's flag is its last path component (`train.epochs` -> `--epochs`).
+_FIELD_FLAGS = {"runtime.require_checkpoint": "cont_training"}
 
 
-def _flag_error(err: Exception) -> FlagError:
-    """Rewrites a config constructor's error so that it names the flag."""
-    message = _DATACLASS_FIELD.sub(r"--\1", str(err))
-    message = _LEADING_FIELD.sub(r"--\1=", message)
-    return FlagError(message)
+def flag_name(field: str) -> str:
+    """`--flag` of a config field path (`data.batch_size` -> `--batch_size`)."""
+    return "--" + _FIELD_FLAGS.get(field, field.rsplit(".", 1)[-1])
+
+
+def flag_error(err: ConfigError) -> FlagError:
+    """A config error as a flag error: the field's flag, then the message."""
+    return FlagError(f"{flag_name(err.field)}: {err.message}")
 
 
 def _check(condition: bool, flag: str, value, expected: str) -> None:
     if not condition:
-        raise FlagError(f"--{flag}={value!r} is invalid: expected "
-                        f"{expected}.")
+        raise flag_error(ConfigError.invalid(flag, value, expected))
 
 
 def _check_official_launch_flags(fv) -> None:
@@ -286,16 +283,12 @@ def _channel_mult(values):
     return mults[0] if len(mults) == 1 else mults
 
 
-def from_flags(fv: flags.FlagValues = flags.FLAGS):
-    """Validated config sections from parsed flags.
+def from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
+    """The validated experiment configuration of parsed flags.
 
-    The returned `ObjectiveConfig` has `total_steps=1`: the run length
-    depends on the dataset size, and the trainer replaces it with
-    `TrainConfig.total_steps(DataInfo.steps_per_epoch)` once the data are
-    opened (the saved config.json holds the resolved value).
-
-    Returns:
-      (NVAEConfig, DataConfig, ObjectiveConfig, TrainConfig, RuntimeConfig).
+    The run length is not resolved yet (`run` is None; the objective's
+    `total_steps` is 1): it depends on the training split's size, and
+    `ExperimentConfig.resolved` completes it once the data are opened.
 
     Raises:
       FlagError: naming the flag whose value or combination is invalid.
@@ -304,9 +297,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
     _check(fv.image_size >= 0, "image_size", fv.image_size, "an integer >= 0")
     _check(fv.image_channels in (0, 1, 3), "image_channels",
            fv.image_channels, "0 (the dataset's), 1 or 3")
-    _check(fv.shuffle_buffer >= 1, "shuffle_buffer", fv.shuffle_buffer,
-           "an integer >= 1")
-    folder = fv.dataset == "image_folder"
+    folder = fv.dataset == datasets.IMAGE_FOLDER
     if folder:
         _check(fv.data_dir is not None, "data_dir", fv.data_dir,
                "the folder of images with --dataset=image_folder")
@@ -319,48 +310,39 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
             _check(fv[name].value == 0, name, fv[name].value,
                    f"0 unless --dataset=image_folder ({fv.dataset} has a "
                    "fixed stored size)")
-    if fv.weight_decay_norm_anneal:
-        for name in ("weight_decay_norm", "weight_decay_norm_init"):
-            _check(fv[name].value > 0, name, fv[name].value,
-                   "> 0 with --weight_decay_norm_anneal (geometric anneal)")
     binary = _TRISTATE_VALUES[fv.binary]
     if binary and fv.num_x_bits != 8:
         raise FlagError(f"--num_x_bits={fv.num_x_bits} with --binary=true: "
                         "binary images have one bit; leave --num_x_bits=8.")
-    model_fields = {f.name for f in dataclasses.fields(config_lib.NVAEConfig)}
-    model_values = {name: fv[name].value for name in model_fields
-                    if name in fv and name not in (
-                        "dataset", "image_size", "image_channels", "binary",
-                        "channel_mult")}
+
+    def values_of(section_type, skip=()):
+        return {f.name: fv[f.name].value
+                for f in dataclasses.fields(section_type)
+                if f.name in fv and f.name not in skip}
+
     try:
-        model_config = config_lib.NVAEConfig(
-            dataset=fv.dataset,
-            image_size=fv.image_size if folder else None,
-            image_channels=fv.image_channels if folder else None,
-            binary=binary, channel_mult=_channel_mult(fv.channel_mult),
-            **model_values)
-        objective = ObjectiveConfig(
-            total_steps=1, kl_anneal_portion=fv.kl_anneal_portion,
-            kl_const_portion=fv.kl_const_portion,
-            kl_const_coeff=fv.kl_const_coeff,
-            weight_decay_norm=fv.weight_decay_norm,
-            weight_decay_norm_init=fv.weight_decay_norm_init,
-            weight_decay_norm_anneal=fv.weight_decay_norm_anneal)
-        train = TrainConfig(**{
-            f.name: fv[f.name].value
-            for f in dataclasses.fields(TrainConfig)})
-        model_dir = fv.model_dir or os.path.join(fv.root, f"eval-{fv.save}")
-        runtime = RuntimeConfig(
-            model_dir=model_dir, strategy=fv.strategy,
-            mixed_precision=fv.mixed_precision, jit_compile=fv.jit_compile,
-            num_cpu_devices=fv.num_cpu_devices, grappler=fv.grappler,
-            require_checkpoint=fv.cont_training,
-            train_shards=fv.train_shards)
-        data_config = data_lib.DataConfig.from_model_config(
-            model_config, batch_size=fv.batch_size, seed=fv.seed,
-            data_dir=fv.data_dir, shuffle_buffer=fv.shuffle_buffer,
-            random_flip=_TRISTATE_VALUES[fv.random_flip],
-            image_check=fv.image_check)
-    except ValueError as err:
-        raise _flag_error(err) from err
-    return model_config, data_config, objective, train, runtime
+        model = build_section("model", NVAEConfig, {
+            **values_of(NVAEConfig, skip=("image_size", "image_channels",
+                                          "binary", "channel_mult")),
+            "image_size": fv.image_size if folder else None,
+            "image_channels": fv.image_channels if folder else None,
+            "binary": binary, "channel_mult": _channel_mult(fv.channel_mult)})
+        objective = build_section("objective", ObjectiveConfig,
+                                  values_of(ObjectiveConfig,
+                                            skip=("total_steps",)))
+        train = build_section("train", TrainConfig, values_of(TrainConfig))
+        runtime = build_section("runtime", RuntimeConfig, dict(
+            model_dir=fv.model_dir or os.path.join(fv.root,
+                                                   f"eval-{fv.save}"),
+            strategy=fv.strategy, mixed_precision=fv.mixed_precision,
+            jit_compile=fv.jit_compile, num_cpu_devices=fv.num_cpu_devices,
+            sync_batchnorm=fv.sync_batchnorm, grappler=fv.grappler,
+            require_checkpoint=fv.cont_training))
+        return ExperimentConfig.for_model(
+            model, objective=objective, train=train, runtime=runtime,
+            data=dict(data_dir=fv.data_dir, batch_size=fv.batch_size,
+                      shuffle_buffer=fv.shuffle_buffer,
+                      random_flip=_TRISTATE_VALUES[fv.random_flip],
+                      image_check=fv.image_check))
+    except ConfigError as err:
+        raise flag_error(err) from err

@@ -2,9 +2,13 @@
 
 `TrainLog` receives every step's metrics from `nvae_tf.training.trainer.Trainer` and
 
-- updates a Keras progress bar per epoch (loss, NELBO, KL coefficient,
-  learning rate, images/s, ETA);
-- every `summary_every_steps` steps logs a line and writes TensorBoard
+- on a terminal, redraws one progress line per epoch (loss, NELBO, KL
+  coefficient, learning rate, images/s, the epoch's and the whole run's
+  ETA); when stdout is not a terminal (a file, a pipe, a job log) it draws
+  nothing, so the log has no carriage returns, colour codes or lines merged
+  with the progress bar's;
+- every `summary_every_steps` steps logs a line (with the run's ETA) and
+  writes TensorBoard
   scalars to MODEL_DIR/train (running means since the last summary of the
   loss, NELBO, reconstruction, KL, bits/dim, active latent units, gradient
   norm, regularisers; the current learning rate, KL coefficient, skipped
@@ -22,8 +26,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -34,13 +38,114 @@ from nvae_tf.serving import inference
 EVAL_HISTORY_FILE = "eval_history.jsonl"
 # Stream ids folded into the run seed for the fixed-noise sample grids.
 SAMPLE_NOISE_STREAMS = {0.7: 2, 1.0: 3}
-NON_INTERACTIVE_PROGBAR_SECONDS = 30.0
+PROGRESS_REDRAW_SECONDS = 0.1  # terminal progress line refresh
+PROGRESS_BAR_WIDTH = 20
 RECONSTRUCTION_COLUMNS = 8  # 4 (input, reconstruction) pairs per row
 # Step outputs that are states, not per-step measurements to average; all
 # but `finite` are written as their latest value.
 _STATES = ("learning_rate", "kl_coeff", "skipped_steps", "nonfinite_streak",
            "loss_scale")
 _INSTANTANEOUS = _STATES + ("finite",)
+
+
+def format_duration(seconds: float) -> str:
+    """`1:02:03`, `2:05` or `45s`."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}" if minutes else f"{secs}s"
+
+
+class RunProgress:
+    """The epoch's progress line on a terminal and the run's ETA.
+
+    The ETA extrapolates the wall time per step since the first step this
+    process ran (tracing excluded; evaluations and checkpoints included as
+    they happen) over the steps left.
+
+    Args:
+      length: the run's `RunLength`.
+      stream: where the progress line goes (default `sys.stdout`).
+      interactive: draw the line; default: whether `stream` is a terminal.
+      clock: returns seconds (default `time.monotonic`).
+    """
+
+    def __init__(self, length, stream=None, interactive: bool | None = None,
+                 clock=None):
+        self.length = length
+        self.stream = sys.stdout if stream is None else stream
+        self.interactive = (self.stream.isatty() if interactive is None
+                            else interactive)
+        self._clock = clock or time.monotonic
+        self._origin = None  # (time, step) of the first step seen
+        self._epoch_origin = None
+        self._last_draw = -float("inf")
+        self._width = 0
+
+    def restart(self) -> None:
+        """Measures anew from the next step (after a restore)."""
+        self.end_line()
+        self._origin, self._epoch_origin = None, None
+
+    def run_eta(self, step: int) -> float | None:
+        """Seconds until `total_steps`, or None before a rate is known."""
+        return self._eta(self._origin, step, self.length.total_steps)
+
+    def _eta(self, origin, step, target):
+        if origin is None or step <= origin[1]:
+            return None
+        per_step = (self._clock() - origin[0]) / (step - origin[1])
+        return per_step * (target - step)
+
+    def update(self, step: int, fields: dict, images_per_second: float):
+        """Records that `step` is done; redraws the line on a terminal."""
+        now = self._clock()
+        per_epoch = self.length.steps_per_epoch
+        epoch = (step - 1) // per_epoch
+        if self._origin is None:
+            self._origin = (now, step)
+        if self._epoch_origin is None or self._epoch_origin[2] != epoch:
+            self.end_line()
+            self._epoch_origin = (now, step, epoch)
+        if not self.interactive:
+            return
+        epoch_end = min((epoch + 1) * per_epoch, self.length.total_steps)
+        done = step == epoch_end
+        if not done and now - self._last_draw < PROGRESS_REDRAW_SECONDS:
+            return
+        self._last_draw = now
+        current, target = step - epoch * per_epoch, epoch_end - epoch * \
+            per_epoch
+        filled = PROGRESS_BAR_WIDTH * current // target
+        bar = "=" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
+        values = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        etas = []
+        for name, origin, end in (("epoch", self._epoch_origin, epoch_end),
+                                  ("run", self._origin,
+                                   self.length.total_steps)):
+            eta = self._eta(origin, step, end)
+            if eta is not None and step < end:
+                etas.append(f"{name} {format_duration(eta)}")
+        line = (f"epoch {epoch + 1}/{self.length.num_epochs} "
+                f"{current}/{target} [{bar}] {values} "
+                f"{images_per_second:.1f} img/s")
+        if etas:
+            line += " - ETA " + ", ".join(etas)
+        self.stream.write("\r" + line.ljust(self._width))
+        self._width = len(line)
+        if done:
+            self.end_line()
+        self.stream.flush()
+
+    def end_line(self) -> None:
+        """Ends a drawn progress line, so that the next output starts on a
+        line of its own."""
+        if self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
 
 
 class TrainLog:
@@ -70,14 +175,17 @@ class TrainLog:
         self._nan_recoveries = nan_recoveries
         self._image_fn = tf.function(self._summary_images)
         self._writers = {}
-        self._progbar, self._epoch = None, None
+        self.progress = RunProgress(length, interactive=None if is_chief
+                                    else False)
+        self._epoch = None
         self._sums, self._count = {}, 0
         self.last_eval = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------ per step
     def reset_progress(self) -> None:
-        """Starts a new progress bar at the next step (after a restore)."""
-        self._progbar, self._epoch = None, None
+        """Starts a new progress line at the next step (after a restore)."""
+        self._epoch = None
+        self.progress.restart()
 
     def step_done(self, step: int, metrics: dict,
                   images_per_second: float) -> None:
@@ -86,13 +194,13 @@ class TrainLog:
         epoch = (step - 1) // per_epoch
         if epoch != self._epoch:
             self._epoch = epoch
-            self._progbar = self._new_progbar(epoch)
-        self._progbar.update(step - epoch * per_epoch, [
-            ("loss", float(metrics["loss"])),
-            ("nelbo", float(metrics["nelbo"])),
-            ("kl_coeff", float(metrics["kl_coeff"])),
-            ("lr", float(metrics["learning_rate"])),
-            ("img/s", images_per_second)])
+            self.progress.end_line()
+            logging.info("Epoch %d/%d", epoch + 1, self.length.num_epochs)
+        self.progress.update(step, {
+            "loss": float(metrics["loss"]),
+            "nelbo": float(metrics["nelbo"]),
+            "kl_coeff": float(metrics["kl_coeff"]),
+            "lr": float(metrics["learning_rate"])}, images_per_second)
         for key, value in metrics.items():
             if np.ndim(value) == 0 and key not in _INSTANTANEOUS:
                 self._sums[key] = self._sums.get(key, 0.0) + float(value)
@@ -100,24 +208,18 @@ class TrainLog:
         if step % self.train.summary_every_steps == 0:
             means = {k: v / self._count for k, v in self._sums.items()}
             self._sums, self._count = {}, 0
-            logging.info("step %d/%d: %s, lr %.3g, kl_coeff %.3g, %.1f img/s",
-                         step, self.length.total_steps, ", ".join(
+            eta = self.progress.run_eta(step)
+            self.progress.end_line()
+            logging.info("step %d/%d: %s, lr %.3g, kl_coeff %.3g, %.1f img/s"
+                         "%s", step, self.length.total_steps, ", ".join(
                              f"{k} {v:.4g}" for k, v in sorted(
                                  means.items())),
                          metrics["learning_rate"], metrics["kl_coeff"],
-                         images_per_second)
+                         images_per_second, "" if eta is None or step >=
+                         self.length.total_steps else
+                         f", run ETA {format_duration(eta)}")
             if self.is_chief:
                 self._write_summaries(step, means, metrics)
-
-    def _new_progbar(self, epoch: int):
-        per_epoch = self.length.steps_per_epoch
-        target = min(per_epoch, self.length.total_steps - epoch * per_epoch)
-        logging.info("Epoch %d/%d", epoch + 1, self.length.num_epochs)
-        interval = 0.05 if sys.stdout.isatty() else \
-            NON_INTERACTIVE_PROGBAR_SECONDS
-        return keras.utils.Progbar(
-            target, verbose=1 if self.is_chief else 0, interval=interval,
-            stateful_metrics=["img/s", "lr", "kl_coeff"])
 
     # ----------------------------------------------------------- summaries
     def _writer(self, name):

@@ -2,9 +2,10 @@ r"""Trains NVAE (Vahdat & Kautz, NeurIPS 2020) with the official recipe.
 
     python -m nvae_tf.train --flagfile=configs/quickstart.cfg [--flag=value]
 
-Parses and validates the flags (`nvae_tf.training.flags`), builds the tf.distribute
-strategy, opens the data, saves the resolved config to MODEL_DIR/config.json
-(or checks it against the saved one when resuming), trains with
+Parses and validates the flags (`nvae_tf.training.flags`) into an
+`ExperimentConfig`, builds the tf.distribute strategy, opens the data,
+resolves the run length, checks the config against MODEL_DIR/config.json
+when resuming and saves it there (once, when new or changed), trains with
 `nvae_tf.training.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
 evaluates the test split and exports a SavedModel to
 saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
@@ -15,7 +16,6 @@ on stderr (`nvae_tf.cli`). This file is intentionally kept short.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -26,11 +26,12 @@ from absl import flags
 from absl import logging
 
 from nvae_tf import cli as cli_lib
-from nvae_tf.fast import inference_shards as batch_shards
+from nvae_tf import flagfiles
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
 from nvae_tf.training import flags as nvae_flags
 from nvae_tf.training import trainer as trainer_lib
+from nvae_tf.config import ConfigError
 from nvae_tf.model import NVAE
 
 FLAGS = flags.FLAGS
@@ -44,22 +45,6 @@ def _cluster_size() -> int:
     except json.JSONDecodeError as err:
         raise nvae_flags.FlagError(f"TF_CONFIG is not valid JSON: {err}")
     return sum(len(tasks) for tasks in cluster.values())
-
-
-def resolve_train_shards(runtime):
-    """`runtime` with `train_shards` resolved; sets the threads they need.
-
-    `train_shards=0` means one shard per CPU core on a CPU-only machine
-    running one replica, else 1. Must run before any other TensorFlow op.
-    """
-    shards = runtime.train_shards
-    if shards == batch_shards.AUTO:
-        several = (tf.config.list_physical_devices("GPU") or
-                   runtime.num_cpu_devices > 1 or _cluster_size() > 1)
-        shards = 1 if several else batch_shards.default_shards()
-    batch_shards.configure_shard_threads(shards)
-    logging.info("Training shards: %d.", shards)
-    return dataclasses.replace(runtime, train_shards=shards)
 
 
 def make_strategy(runtime):
@@ -108,20 +93,41 @@ def make_strategy(runtime):
     return strategy
 
 
-def check_resume_compatible(model_dir, model_config) -> None:
-    """Refuses to resume a model directory with another architecture."""
+def check_resume_compatible(model_dir, experiment) -> None:
+    """Refuses to resume a model directory with another architecture.
+
+    Only the `model` section must match: data, objective, train and runtime
+    settings (e.g. `--sync_batchnorm`, `--grappler`) may change on resume.
+
+    Raises:
+      FlagError: listing the architecture fields that differ.
+    """
     if not os.path.exists(checkpoints.config_path(model_dir)):
         return
-    saved, _ = checkpoints.read_config(model_dir)
-    old, new = saved.to_dict(), model_config.to_dict()
-    diff = [f"--{k}: saved {old[k]!r}, flags {new[k]!r}"
-            for k in sorted(new) if old.get(k) != new[k]]
+    saved = checkpoints.read_config(model_dir)
+    diff = [f"{nvae_flags.flag_name(path)}: saved {old!r}, flags {new!r}"
+            for path, old, new in saved.differences(experiment)
+            if path.startswith("model.")]
     if diff:
         raise nvae_flags.FlagError(
             f"--model_dir={model_dir} holds a model with a different "
             "architecture and cannot be resumed with these flags:\n  " +
             "\n  ".join(diff) + "\nUse a new --model_dir or the saved "
             "values (see its config.json).")
+
+
+def save_config(model_dir, experiment) -> bool:
+    """Writes config.json unless it already holds `experiment` (a resume
+    with the same settings leaves it as it is); returns whether it wrote."""
+    if os.path.exists(checkpoints.config_path(model_dir)):
+        changes = checkpoints.read_config(model_dir).differences(experiment)
+        if not changes:
+            return False
+        logging.info("Resuming with other settings than config.json's: %s.",
+                     "; ".join(f"{path} {old!r} -> {new!r}"
+                               for path, old, new in changes))
+    checkpoints.write_config(model_dir, experiment)
+    return True
 
 
 def export_model(trainer, step: int) -> str | None:
@@ -142,7 +148,8 @@ def export_model(trainer, step: int) -> str | None:
     # A float32 copy outside the distribution strategy is what TF Serving
     # runs; the trained model's variables may be mirrored or mixed.
     keras.config.set_dtype_policy("float32")
-    copy = NVAE(trainer.model_config, seed=trainer.train.seed)
+    copy = NVAE(trainer.model_config, seed=trainer.train.seed,
+                sync_batchnorm=trainer.runtime.sync_batchnorm)
     copy.build()
     copy.set_weights(trainer.model.get_weights())
     export_lib.export_saved_model(
@@ -151,53 +158,44 @@ def export_model(trainer, step: int) -> str | None:
     return export_dir
 
 
-def build_trainer(model_config, data_config, objective, train, runtime,
-                  strategy):
+def build_trainer(experiment, strategy):
     """Checks the run against the data, the strategy and the model
-    directory, then builds the `Trainer` (model, optimizer, state).
+    directory, resolves the run length, then builds the `Trainer` (model,
+    optimizer, state).
 
     Returns:
-      (trainer, DataInfo).
+      (trainer, DataInfo); the trainer's `experiment` is resolved.
     """
+    train, data_config = experiment.train, experiment.data
     keras.utils.set_random_seed(train.seed)
-    keras.config.set_dtype_policy(runtime.keras_dtype_policy)
+    keras.config.set_dtype_policy(experiment.runtime.keras_dtype_policy)
     replicas = strategy.num_replicas_in_sync
-    if train.batch_size % replicas:
+    if data_config.batch_size % replicas:
         raise nvae_flags.FlagError(
-            f"--batch_size={train.batch_size} is not divisible by the "
+            f"--batch_size={data_config.batch_size} is not divisible by the "
             f"{replicas} replicas of the strategy.")
-    _, _, info = data_lib.make_datasets(data_config)  # fails fast if absent
-    length = trainer_lib.RunLength(
-        batches_per_pass=info.steps_per_epoch,
-        steps_per_epoch=train.steps_per_epoch_resolved(info.steps_per_epoch),
-        total_steps=train.total_steps(info.steps_per_epoch),
-        schedule_epochs=train.schedule_epochs(info.steps_per_epoch))
-    objective = dataclasses.replace(objective,
-                                    total_steps=length.total_steps)
-    check_resume_compatible(runtime.model_dir, model_config)
-    trainer = trainer_lib.Trainer(model_config, data_config, objective, train,
-                                  runtime, strategy, length)
-    return trainer, info
+    try:  # fails fast if the data are absent
+        _, _, info = data_lib.make_datasets(data_config, seed=train.seed)
+    except ConfigError as err:
+        raise nvae_flags.flag_error(err.within("data")) from err
+    experiment = experiment.resolved(
+        info.steps_per_epoch, num_train=info.num_train,
+        num_eval=info.num_eval, replicas=replicas)
+    check_resume_compatible(experiment.runtime.model_dir, experiment)
+    return trainer_lib.Trainer(experiment, strategy), info
 
 
-def run(model_config, data_config, objective, train, runtime, strategy):
+def run(experiment, strategy):
     """Trains (or resumes) and returns the final evaluation dict."""
-    trainer, info = build_trainer(model_config, data_config, objective,
-                                  train, runtime, strategy)
+    trainer, info = build_trainer(experiment, strategy)
+    experiment = trainer.experiment
     if trainer.is_chief:
-        checkpoints.write_config(runtime.model_dir, {
-            "model": model_config.to_dict(),
-            "data": dataclasses.asdict(data_config),
-            "objective": dataclasses.asdict(trainer.objective),
-            "train": train.to_dict(), "runtime": runtime.to_dict(),
-            "run": {**dataclasses.asdict(trainer.length),
-                    "replicas": strategy.num_replicas_in_sync,
-                    "num_train": info.num_train, "num_eval": info.num_eval}})
+        save_config(experiment.runtime.model_dir, experiment)
     logging.info("%s: %d training images, %d steps of %d images (%d per "
-                 "epoch, %d epochs), %s parameters.", data_config.dataset,
-                 info.num_train, trainer.length.total_steps,
-                 train.batch_size, trainer.length.steps_per_epoch,
-                 trainer.length.num_epochs,
+                 "epoch, %d epochs), %s parameters.", experiment.data.dataset,
+                 info.num_train, experiment.run.total_steps,
+                 experiment.data.batch_size, experiment.run.steps_per_epoch,
+                 experiment.run.num_epochs,
                  f"{trainer.model.count_params():,}")
     result = trainer.fit()
     skipped = data_lib.skipped_image_files()
@@ -206,12 +204,12 @@ def run(model_config, data_config, objective, train, runtime, strategy):
         logging.warning(
             "%d image file(s) under %s could not be decoded and were left "
             "out of training and evaluation (remove or fix them): %s",
-            len(skipped), data_config.data_dir, ", ".join(skipped))
-    if train.export and trainer.is_chief:
+            len(skipped), experiment.data.data_dir, ", ".join(skipped))
+    if experiment.train.export and trainer.is_chief:
         result["export_dir"] = export_model(trainer, result["step"])
     logging.info("Test NELBO %.3f nats, %.4f bits/dim (%s test split, %d "
                  "images, one posterior sample each, step %d).",
-                 result["nelbo"], result["bpd"], data_config.dataset,
+                 result["nelbo"], result["bpd"], experiment.data.dataset,
                  result["num_images"], result["step"])
     return result
 
@@ -219,17 +217,16 @@ def run(model_config, data_config, objective, train, runtime, strategy):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    *configs, runtime = nvae_flags.from_flags(FLAGS)
-    runtime = resolve_train_shards(runtime)
-    strategy = make_strategy(runtime)
-    run(*configs, runtime, strategy)
+    experiment = nvae_flags.from_flags(FLAGS)
+    strategy = make_strategy(experiment.runtime)
+    run(experiment, strategy)
 
 
 def cli():
     """Entry point of `python -m nvae_tf.train`."""
     nvae_flags.define_flags()
-    flags.adopt_module_key_flags(nvae_flags)  # listed by --help
-    cli_lib.run(main, user_errors=(nvae_flags.FlagError,))
+    cli_lib.run(main, user_errors=(nvae_flags.FlagError,),
+                argv=flagfiles.command_line(nvae_flags))
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ the last checkpoint is restored and the learning rate multiplied by
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
 import os
 import time
 
@@ -95,54 +92,35 @@ def latent_noise(latent_shapes, seed, replica_id, num_replicas):
     return noise
 
 
-@dataclasses.dataclass(frozen=True)
-class RunLength:
-    """Step counts of a run (see `nvae_tf.training.config`)."""
-
-    batches_per_pass: int
-    steps_per_epoch: int
-    total_steps: int
-    schedule_epochs: int
-
-    @property
-    def num_epochs(self) -> int:
-        return math.ceil(self.total_steps / self.steps_per_epoch)
-
-
 class Trainer:
     """Builds the model, optimizer and state in `strategy` and trains.
 
     Args:
-      model_config, data_config, objective, train, runtime: the config
-        sections (`objective.total_steps` resolved).
+      experiment: the `ExperimentConfig`, resolved (its `run` set).
       strategy: the `tf.distribute.Strategy`.
-      length: the run's `RunLength`.
     """
 
-    def __init__(self, model_config, data_config, objective, train, runtime,
-                 strategy, length: RunLength):
-        self.model_config = model_config
-        self.data_config = data_config
-        self.objective = objective
-        self.train = train
-        self.runtime = runtime
+    def __init__(self, experiment, strategy):
+        self.experiment = experiment
+        self.model_config = model_config = experiment.model
+        self.data_config = experiment.data
+        self.objective = experiment.objective
+        self.train = train = experiment.train
+        self.runtime = runtime = experiment.runtime
         self.strategy = strategy
-        self.length = length
+        self.length = length = experiment.run
         self.model_dir = runtime.model_dir
         self.is_chief = bool(strategy.extended.should_checkpoint)
         self.num_replicas = strategy.num_replicas_in_sync
         self.float16 = runtime.mixed_precision == "float16"
-        # Batch shards of the step and of evaluation; 0 (one per core) is
-        # resolved with the threads by `train.resolve_train_shards`; a
-        # trainer built without it runs unsharded.
-        self.train_shards = max(runtime.train_shards, 1)
         # Grappler passes of every function this thread calls from now on;
         # after the strategy's tf.config calls (which reset them), before
         # the first call (which optimises the graph).
-        graph_options.set_grappler_options(
-            graph_options.GRAPPLER[runtime.grappler])
+        graph_options.set_grappler_options(graph_options.GRAPPLER[
+            graph_options.resolve_grappler(runtime.grappler)])
         with strategy.scope():
-            self.model = NVAE(model_config, seed=train.seed)
+            self.model = NVAE(model_config, seed=train.seed,
+                              sync_batchnorm=runtime.sync_batchnorm)
             self.model.build()
             self.schedule = WarmupCosineSchedule(
                 train.learning_rate, train.learning_rate_min,
@@ -202,8 +180,7 @@ class Trainer:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             result = compute_loss(self.model, x, step, self.objective,
-                                  training=True, eps=eps,
-                                  shards=self.train_shards)
+                                  training=True, eps=eps)
             loss = result.loss
             inject_at = self.train.debug_inject_nan_at_step
             if inject_at >= 0:
@@ -294,17 +271,16 @@ class Trainer:
         the batch of every step is a function of (seed, step).
         """
         pass_index, offset = divmod(step, self.length.batches_per_pass)
-        config = dataclasses.replace(
-            self.data_config, seed=pass_seed(self.data_config.seed,
-                                             pass_index))
-        train_ds, _, _ = data_lib.make_datasets(config)
+        train_ds, _, _ = data_lib.make_datasets(
+            self.data_config, seed=pass_seed(self.train.seed, pass_index))
         if offset:
             train_ds = train_ds.skip(offset)
         return iter(self.strategy.experimental_distribute_dataset(train_ds))
 
     def _eval_dataset(self):
         # Rebuilt each time: the same images and binarisation every time.
-        return data_lib.make_datasets(self.data_config)[1]
+        return data_lib.make_datasets(self.data_config,
+                                      seed=self.train.seed)[1]
 
     def _fixed_images(self):
         """The first test images, shown with their reconstructions."""
@@ -321,8 +297,7 @@ class Trainer:
                        ctx.replica_id_in_sync_group)
 
         def forward():
-            out = self.model(x, training=False, seed=seed,
-                             shards=self.train_shards)
+            out = self.model(x, training=False, seed=seed)
             return [tf.reduce_sum(out.nelbo), tf.reduce_sum(out.recon_loss),
                     tf.reduce_sum(tf.add_n(out.kl_per_group))]
 
@@ -369,8 +344,7 @@ class Trainer:
     # --------------------------------------------------------- checkpoints
     def restore_or_initialize(self) -> int:
         """Resumes from model_dir's latest checkpoint or saves step 0."""
-        latest = tf.train.latest_checkpoint(os.path.join(
-            self.model_dir, checkpoints.CHECKPOINT_SUBDIR))
+        latest = checkpoints.latest_checkpoint(self.model_dir)
         if latest is None:
             if self.runtime.require_checkpoint:
                 raise FileNotFoundError(
@@ -425,8 +399,7 @@ class Trainer:
             self.train.nan_lr_factor
         skipped = int(self.skipped_steps.numpy())
         failed_at = int(self.step.numpy())
-        latest = tf.train.latest_checkpoint(os.path.join(
-            self.model_dir, checkpoints.CHECKPOINT_SUBDIR))
+        latest = checkpoints.latest_checkpoint(self.model_dir)
         self._restore(latest)
         with self.strategy.scope():
             self.nan_recoveries.assign(recoveries)
@@ -482,7 +455,4 @@ class Trainer:
 
     def weights_fingerprint(self) -> str:
         """SHA-256 prefix of all model weights (equal on every worker)."""
-        digest = hashlib.sha256()
-        for value in self.model.get_weights():
-            digest.update(np.ascontiguousarray(value).tobytes())
-        return digest.hexdigest()[:16]
+        return checkpoints.weights_fingerprint(self.model.weights)[:16]

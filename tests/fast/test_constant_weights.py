@@ -17,6 +17,7 @@ import tensorflow as tf
 from benchmarks import bench
 
 from nvae_tf.fast import constant_weights
+from nvae_tf.fast import inference_shards
 
 from nvae_tf.serving import evaluate
 from nvae_tf.fast.constant_weights import with_constant_weights
@@ -65,10 +66,10 @@ def test_forward_and_sample_equal_the_variable_weights(model, shards):
     x = _images(model)
 
     def forward(x, seed):
-        return model(x, training=False, seed=seed, shards=shards)
+        return inference_shards.forward(model, x, shards, seed=seed)
 
     def sample(seed):
-        out = model.sample(BATCH, 0.8, seed=seed, shards=shards)
+        out = inference_shards.sample(model, BATCH, shards, 0.8, seed=seed)
         return out.images, out.logits, out.z
 
     _assert_close(tf.function(with_constant_weights(model, forward))(x, SEED),

@@ -65,3 +65,37 @@ def test_missing_private_api_warns_and_keeps_the_defaults(monkeypatch):
         graph_options.GRAPPLER["lean"])
     assert len(warnings) == 2
     assert all("default passes" in w for w in warnings)
+
+
+@pytest.mark.parametrize("name, devices, preset", [
+    ("auto", ["CPU"], "lean"),
+    ("auto", ["CPU", "GPU"], "default"),
+    ("auto", ["CPU", "TPU"], "default"),
+    ("lean", ["CPU", "GPU"], "lean"),  # the flag overrides
+    ("default", ["CPU"], "default"),
+])
+def test_resolve_grappler_by_device_type(name, devices, preset):
+    assert graph_options.resolve_grappler(name, devices) == preset
+
+
+def test_resolve_grappler_lists_the_devices_itself(monkeypatch):
+    import tensorflow as tf
+
+    class Device:
+        def __init__(self, device_type):
+            self.device_type = device_type
+
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda: [Device("CPU"), Device("GPU")])
+    assert graph_options.resolve_grappler("auto") == "default"
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda: [Device("CPU")])
+    assert graph_options.resolve_grappler("auto") == "lean"
+    with pytest.raises(ValueError, match="fast"):
+        graph_options.resolve_grappler("fast")
+
+
+@pytest.mark.parametrize("devices, visible", [
+    (["CPU"], False), (["CPU", "GPU"], True), (["TPU", "CPU"], True)])
+def test_accelerator_visible(devices, visible):
+    assert graph_options.accelerator_visible(devices) is visible

@@ -133,9 +133,10 @@ def test_cli_writes_a_model_directory_that_reloads(tmp_path, official):
     summary = json.loads(process.stdout.strip().splitlines()[-1])
     assert summary["saved"].endswith("ckpt-0")
     assert summary["replaced_run_moved_to"] is None
-    config, sections = checkpoints.read_config(model_dir)
-    assert sections["source"] == BINARY
-    assert config == convert.config_from_args(official["args"])
+    assert checkpoints.read_sections(model_dir)["source"] == BINARY
+    experiment = checkpoints.read_config(model_dir)
+    assert experiment.model == convert.config_from_args(official["args"])
+    assert experiment.run is None  # not trained here
     reloaded = checkpoints.load_model_dir(model_dir)
     arrays = np.load(BINARY.replace(".pt", ".npz"))
     eps = [arrays[k] for k in sorted(arrays.files)
@@ -188,7 +189,7 @@ def test_overwrite_moves_the_old_run_aside(trained_run, official):
     assert _digests(moved_to) == before
     _assert_is_the_trained_run(moved_to, weights)
     assert path.endswith("ckpt-0") and config.dataset == "mnist"
-    assert checkpoints.read_config(model_dir)[0] == config
+    assert checkpoints.read_config(model_dir).model == config
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [
         "checkpoint", "ckpt-0.data-00000-of-00001", "ckpt-0.index"]
     # A second replacement in the same second gets its own name.
@@ -224,7 +225,7 @@ def test_cli_refuses_a_run_then_overwrite_moves_it(trained_run, official):
         replaced.stdout.strip().splitlines()[-1])["replaced_run_moved_to"]
     assert _digests(moved_to) == before
     _assert_is_the_trained_run(moved_to, weights)
-    assert checkpoints.read_config(model_dir)[0].dataset == "mnist"
+    assert checkpoints.read_config(model_dir).model.dataset == "mnist"
 
 
 # ------------------------------------------ what cannot be converted: one line

@@ -30,13 +30,12 @@ SCRIPT = textwrap.dedent("""
     from nvae_tf.training import main as train
 
     model_dir = sys.argv[1]
-    config, _ = checkpoints.read_config(model_dir)
+    config = checkpoints.read_config(model_dir).model
     args = ["prog", f"--model_dir={model_dir}", "--batch_size=4",
             "--max_steps=3", "--steps_per_epoch=3", "--epochs=1",
             "--warmup_epochs=0", "--noexport", "--summary_every_steps=1"]
     for name, value in config.to_dict().items():
-        if name in ("image_size", "image_channels", "binary", "channel_mult",
-                    "sync_batchnorm"):
+        if name in ("image_size", "image_channels", "binary", "channel_mult"):
             continue
         if isinstance(value, bool):
             args.append(f"--{name}" if value else f"--no{name}")
@@ -45,10 +44,10 @@ SCRIPT = textwrap.dedent("""
     values = flags.FlagValues()
     nvae_flags.define_flags(values)
     values(args)
-    configs = nvae_flags.from_flags(values)
-    strategy = train.make_strategy(configs[-1])
+    experiment = nvae_flags.from_flags(values)
+    strategy = train.make_strategy(experiment.runtime)
     with tfds.testing.mock_data(num_examples=16):
-        result = train.run(*configs, strategy)
+        result = train.run(experiment, strategy)
     print("RESULT", json.dumps({"step": result["step"],
                                 "nelbo": result["nelbo"]}))
 """)

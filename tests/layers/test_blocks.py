@@ -5,7 +5,8 @@ import pytest
 import tensorflow as tf
 
 from nvae_tf.layers.blocks import (FactorizedReduce, InvertedResidual,
-                                   SqueezeExcite, UpsampleSkip)
+                                   SqueezeExcite, UpsampleSkip,
+                                   resize_bilinear_align_corners)
 from tests.conftest import (batchnorm_reference, conv2d_reference,
                             conv_layer_reference, effective_kernel,
                             randomize_weights, rebuild_from_config, swish)
@@ -200,6 +201,31 @@ def test_upsample_skip_bilinear_align_corners(regime):
     assert np.abs(other - y).max() > 1e-2
     clone = rebuild_from_config(layer, shape)
     np.testing.assert_array_equal(layer(x), clone(x))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 4), (1, 5, 5, 3)])
+def test_resize_matches_the_deprecated_align_corners_op(shape, dtype):
+    """Same values and gradient as tf.compat.v1's resize_bilinear, which the
+    layer used before (it logs a deprecation warning)."""
+    x = tf.constant(_input(shape), dtype)
+    size = tf.constant(shape[1:3]) * 2
+    batch, height, width, channels = shape
+    weights = tf.constant(_input((batch, 2 * height, 2 * width, channels),
+                                 seed=1))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        new = resize_bilinear_align_corners(x, size)
+        old = tf.compat.v1.image.resize_bilinear(x, size, align_corners=True)
+        new_sum, old_sum = (tf.reduce_sum(new * weights),
+                            tf.reduce_sum(old * weights))
+    assert new.dtype == old.dtype == tf.float32
+    np.testing.assert_array_equal(new.numpy(), old.numpy())
+    np.testing.assert_array_equal(tape.gradient(new_sum, x).numpy(),
+                                  tape.gradient(old_sum, x).numpy())
+    np.testing.assert_allclose(
+        new.numpy(), _bilinear_align_corners(x.numpy(), 2 * height),
+        rtol=1e-5, atol=1e-6)
 
 
 def test_upsample_skip_errors():

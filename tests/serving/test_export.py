@@ -274,6 +274,25 @@ def test_export_uses_only_core_tensorflow_ops(exported):
     assert [op for op in ops if not hasattr(tf.raw_ops, op)] == []
 
 
+def test_signatures_capture_the_weights_under_valid_names(exported):
+    """The signature functions' captured weights keep the export's names,
+    so the save renames (and logs) nothing."""
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(exported[2], "saved_model.pb"), "rb") as f:
+        saved_model.ParseFromString(f.read())
+    library = saved_model.meta_graphs[0].graph_def.library.function
+    signature_functions = [f for f in library
+                           if "call_traced" in f.signature.name]
+    # One per signature, plus the save's own retrace of each.
+    assert len(signature_functions) >= len(export.SIGNATURES)
+    for function in signature_functions:
+        names = [arg.name for arg in function.signature.input_arg]
+        captured = [n for n in names
+                    if n.startswith(export.CAPTURED_INPUT_PREFIX)]
+        assert len(captured) > 100, function.signature.name  # the weights
+        assert not [n for n in names if n.startswith("unknown")], names
+
+
 def test_export_refuses_to_overwrite(exported):
     model, _, export_dir, _ = exported
     with pytest.raises(FileExistsError, match="new version"):

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from nvae_tf.training import checkpoints
 from nvae_tf.config import NVAEConfig
+from nvae_tf.experiment import ExperimentConfig
 from nvae_tf.model import NVAE
 
 TINY = NVAEConfig(dataset="cifar10", image_size=16, num_channels_enc=8,
@@ -49,6 +50,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     model.build()
     checkpoints.save_model_dir(model, str(tmp_path))
     other = NVAEConfig(**{**TINY.to_dict(), "num_channels_enc": 16})
-    checkpoints.write_config(str(tmp_path), {"model": other.to_dict()})
+    checkpoints.write_config(str(tmp_path),
+                             ExperimentConfig.for_model(other))
     with pytest.raises(ValueError, match="cannot be restored"):
         checkpoints.load_model_dir(str(tmp_path))

@@ -44,18 +44,18 @@ def configs_from(argv):
 
 
 argv, step_overrides = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-configs = configs_from(argv)
-strategy = train.make_strategy(configs[-1])
-full = NVAE(configs[0])
+experiment = configs_from(argv)
+strategy = train.make_strategy(experiment.runtime)
+full = NVAE(experiment.model)
 full.build()
 params = int(sum(v.numpy().size for v in full.trainable_variables))
 del full
 gc.collect()
 if step_overrides:
-    configs = configs_from(argv + step_overrides)
+    experiment = configs_from(argv + step_overrides)
 tf.config.run_functions_eagerly(True)
 with tfds.testing.mock_data(num_examples=2):
-    trainer, _ = train.build_trainer(*configs, strategy)
+    trainer, _ = train.build_trainer(experiment, strategy)
     metrics = trainer.train_step(trainer.train_batches(0))
 print("RESULT " + json.dumps({
     "loss": float(metrics["loss"]), "finite": bool(metrics["finite"]),

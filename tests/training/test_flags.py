@@ -10,6 +10,7 @@ import time
 import pytest
 from absl import flags
 
+from nvae_tf.config import ConfigError
 from nvae_tf.training import flags as nvae_flags
 from nvae_tf.training.config import RuntimeConfig, TrainConfig
 from tests.training import helpers as train_helpers
@@ -60,33 +61,69 @@ def test_every_official_flag_keeps_its_name_and_default():
 
 
 def test_defaults_resolve_to_the_official_configuration():
-    model, data, objective, train, runtime = configs_from()
+    experiment = configs_from()
+    model, data = experiment.model, experiment.data
     assert (model.dataset, model.num_channels_enc, model.num_x_bits) == (
         "mnist", 32, 8)
     assert model.is_binary and data.is_binary
-    assert (data.batch_size, data.seed) == (200, 1)
-    assert train == TrainConfig()
-    assert objective.kl_anneal_portion == 0.3
-    assert runtime.model_dir == "/tmp/nasvae/expr/eval-exp"
-    assert runtime == RuntimeConfig()
+    assert (data.batch_size, experiment.train.seed) == (200, 1)
+    assert experiment.train == TrainConfig()
+    assert experiment.objective.kl_anneal_portion == 0.3
+    assert experiment.objective.total_steps == 1  # resolved with the data
+    assert experiment.run is None
+    assert experiment.runtime.model_dir == "/tmp/nasvae/expr/eval-exp"
+    assert experiment.runtime == RuntimeConfig()
+    assert experiment.runtime.sync_batchnorm  # official SyncBN
+
+
+def test_each_fact_has_one_owner():
+    """batch_size and seed live in one section each; the data section's
+    dataset facts are the model's; sync BN is a runtime choice."""
+    experiment = configs_from("--batch_size=12", "--seed=7",
+                              "--nosync_batchnorm")
+    sections = experiment.to_dict()
+    owners = {}
+    for name, section in sections.items():
+        if isinstance(section, dict):
+            for field in section:
+                owners.setdefault(field, []).append(name)
+    assert owners["batch_size"] == ["data"]
+    assert owners["seed"] == ["train"]
+    assert owners["dataset"] == ["model"]
+    assert owners["num_x_bits"] == ["model"]
+    assert owners["sync_batchnorm"] == ["runtime"]
+    assert sections["data"]["batch_size"] == 12
+    assert sections["train"]["seed"] == 7
+    assert sections["runtime"]["sync_batchnorm"] is False
+    assert experiment.data.dataset == experiment.model.dataset == "mnist"
+
+
+def test_config_errors_name_the_flag_without_guessing():
+    assert nvae_flags.flag_name("train.epochs") == "--epochs"
+    assert nvae_flags.flag_name("data.batch_size") == "--batch_size"
+    assert nvae_flags.flag_name("runtime.require_checkpoint") == \
+        "--cont_training"
+    err = nvae_flags.flag_error(ConfigError.invalid(
+        "epochs", 0, "an integer >= 1").within("train"))
+    assert str(err) == "--epochs: 0 is invalid: expected an integer >= 1."
 
 
 def test_model_dir_defaults_to_root_and_save():
-    *_, runtime = configs_from("--root=/r", "--save=run7")
+    runtime = configs_from("--root=/r", "--save=run7").runtime
     assert runtime.model_dir == "/r/eval-run7"
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(
     CONFIG_DIR, "*.cfg"))), ids=os.path.basename)
 def test_every_preset_parses_and_validates(path):
-    model, data, _, train, runtime = configs_from(f"--flagfile={path}")
-    assert data.batch_size == train.batch_size
-    assert runtime.model_dir.startswith("runs/")
+    experiment = configs_from(f"--flagfile={path}")
+    assert experiment.data.dataset == experiment.model.dataset
+    assert experiment.runtime.model_dir.startswith("runs/")
 
 
 def test_quickstart_preset_uses_the_embedded_data():
-    model, data, *_ = configs_from(
-        f"--flagfile={CONFIG_DIR}/quickstart.cfg")
+    experiment = configs_from(f"--flagfile={CONFIG_DIR}/quickstart.cfg")
+    model, data = experiment.model, experiment.data
     assert model.dataset == data.dataset == "fashion_mnist"
     assert model.output_distribution == "logistic_mixture"
 
@@ -95,8 +132,8 @@ def test_readme_presets_reproduce_the_official_global_batches():
     expected = {"mnist": 400, "cifar10": 256, "celeba64": 128,
                 "imagenet32": 576, "celebahq256": 96, "ffhq256": 96}
     for name, batch in expected.items():
-        *_, train, _ = configs_from(f"--flagfile={CONFIG_DIR}/{name}.cfg")
-        assert train.batch_size == batch, name
+        data = configs_from(f"--flagfile={CONFIG_DIR}/{name}.cfg").data
+        assert data.batch_size == batch, name
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -135,8 +172,6 @@ def test_readme_presets_reproduce_the_official_global_batches():
     (["--strategy=mirrored", "--jit_compile"], "--jit_compile"),
     (["--strategy=one_device", "--num_cpu_devices=2"], "--num_cpu_devices"),
     (["--num_cpu_devices=-1"], "--num_cpu_devices"),
-    (["--train_shards=-1"], "--train_shards"),
-    (["--train_shards=2", "--num_cpu_devices=2"], "--train_shards"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(nvae_flags.FlagError) as err:
@@ -171,18 +206,19 @@ def test_cli_fails_fast_naming_the_flag(tmp_path):
         cwd=train_helpers.REPO, env=train_helpers.subprocess_env(),
         capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "--warmup_epochs=3 is invalid" in proc.stderr
+    assert "--warmup_epochs: 3 is invalid" in proc.stderr
     assert not model_dir.exists()  # nothing was written
     assert time.time() - start < 60
 
 
 def test_grappler_flag_reaches_the_runtime_config():
-    assert configs_from()[-1].grappler == "lean"
-    assert configs_from("--grappler=default")[-1].grappler == "default"
+    assert configs_from().runtime.grappler == "auto"  # resolved with devices
+    assert configs_from("--grappler=default").runtime.grappler == "default"
+    assert configs_from("--grappler=lean").runtime.grappler == "lean"
     with pytest.raises(flags.IllegalFlagValueError,
                        match=r"--grappler=fast: value should be one of "
-                             r"<default\|lean>"):
+                             r"<auto\|default\|lean>"):
         parse("--grappler=fast")
-    with pytest.raises(ValueError, match=r"--grappler='fast' is invalid: "
-                       r"expected one of default, lean"):
+    with pytest.raises(ConfigError, match=r"^grappler: 'fast' is invalid: "
+                       r"expected one of auto, default, lean"):
         RuntimeConfig(grappler="fast")

@@ -33,28 +33,29 @@ def test_pass_seeds_are_deterministic_and_distinct():
 
 
 def test_run_length_arithmetic():
-    from nvae_tf.training.config import TrainConfig
+    from nvae_tf.training.config import RunLength, TrainConfig
     config = TrainConfig(epochs=4, warmup_epochs=1, steps_per_epoch=200)
-    assert config.total_steps(1875) == 800
-    assert config.schedule_epochs(1875) == 4
-    short = TrainConfig(epochs=400, max_steps=250)
-    assert short.total_steps(150) == 250
-    assert short.schedule_epochs(150) == 2  # the cosine ends at step 250
+    length = RunLength.resolve(config, 1875)
+    assert (length.steps_per_epoch, length.total_steps) == (200, 800)
+    assert length.schedule_epochs == 4 and length.num_epochs == 4
+    short = RunLength.resolve(TrainConfig(epochs=400, max_steps=250), 150)
+    assert (short.steps_per_epoch, short.total_steps) == (150, 250)
+    assert short.schedule_epochs == 2  # the cosine ends at step 250
+    assert RunLength.resolve(TrainConfig(epochs=3, warmup_epochs=1),
+                             7).total_steps == 21
     assert TrainConfig(epochs=60).eval_every_epochs_resolved() == 20
     assert TrainConfig(epochs=50).eval_every_epochs_resolved() == 1
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A 6-step run: 2 epochs of 3 steps, checkpoints every 2 steps; the
-    batches as one shard per core (`--train_shards=0`)."""
+    """A 6-step run: 2 epochs of 3 steps, checkpoints every 2 steps."""
     base = tmp_path_factory.mktemp("tiny")
     data = train_helpers.make_image_folder(str(base / "images"))
     model_dir = str(base / "run")
     proc = train_helpers.run_train(
         *train_helpers.TINY_FLAGS, f"--data_dir={data}",
         f"--model_dir={model_dir}", "--steps_per_epoch=3",
-        "--train_shards=0",
         "--checkpoint_every_steps=2", "--keep_checkpoints=10",
         f"--export_dir_base={base / 'saved_models'}")
     return model_dir, proc.stderr, data
@@ -64,15 +65,12 @@ def test_run_writes_config_checkpoints_and_final_line(tiny_run):
     model_dir, log, _ = tiny_run
     with open(os.path.join(model_dir, "config.json")) as f:
         sections = json.load(f)
-    assert set(sections) == {"model", "data", "objective", "train", "runtime",
-                             "run"}
+    assert set(sections) == {"version", "model", "data", "objective",
+                             "train", "runtime", "run"}
     assert sections["run"]["total_steps"] == 6
     assert sections["objective"]["total_steps"] == 6  # resolved
     assert sections["model"]["num_channels_enc"] == 4
-    assert sections["runtime"]["grappler"] == "lean"  # the default
-    from nvae_tf.fast import inference_shards as batch_shards
-    assert sections["runtime"]["train_shards"] == \
-        batch_shards.default_shards()  # resolved
+    assert sections["runtime"]["grappler"] == "lean"  # auto on a CPU host
     steps = sorted(train_helpers.checkpoint_step(p) for p in
                    tf.train.get_checkpoint_state(os.path.join(
                        model_dir, "checkpoints")).all_model_checkpoint_paths)
@@ -161,6 +159,50 @@ def test_resume_with_another_architecture_is_refused(tiny_run):
     assert "--num_latent_per_group: saved 4, flags 2" in proc.stderr
 
 
+def test_refused_resume_leaves_config_json_untouched(tiny_run):
+    model_dir, _, data = tiny_run
+    path = os.path.join(model_dir, "config.json")
+    with open(path, "rb") as f:
+        before = f.read()
+    mtime = os.stat(path).st_mtime_ns
+    proc = train_helpers.run_train(
+        *train_helpers.TINY_FLAGS, f"--data_dir={data}",
+        f"--model_dir={model_dir}", "--num_channels_enc=6",
+        "--max_steps=9", "--nosync_batchnorm", check=False)
+    assert proc.returncode != 0 and "different architecture" in proc.stderr
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert os.stat(path).st_mtime_ns == mtime
+
+
+def test_resume_accepts_other_runtime_settings_and_saves_only_changes(
+        tiny_run, tmp_path):
+    """Synchronized BN and Grappler are runtime choices, not architecture:
+    a resume with other values passes the check; config.json is rewritten
+    only when the settings differ from the saved ones."""
+    import dataclasses
+    from nvae_tf.training import checkpoints
+    from nvae_tf.training import main as train
+    model_dir, _, _ = tiny_run
+    saved = checkpoints.read_config(model_dir)
+    other = dataclasses.replace(saved, runtime=dataclasses.replace(
+        saved.runtime, sync_batchnorm=False, grappler="default"))
+    train.check_resume_compatible(model_dir, other)  # no error
+    copy = str(tmp_path / "copy")
+    checkpoints.write_config(copy, saved)
+    path = os.path.join(copy, "config.json")
+    mtime = os.stat(path).st_mtime_ns
+    assert not train.save_config(copy, saved)  # same settings: untouched
+    assert os.stat(path).st_mtime_ns == mtime
+    assert train.save_config(copy, other)
+    assert checkpoints.read_config(copy) == other
+    wider = dataclasses.replace(saved, model=dataclasses.replace(
+        saved.model, num_channels_enc=8))
+    with pytest.raises(Exception, match="--num_channels_enc: saved 4, "
+                                        "flags 8"):
+        train.check_resume_compatible(model_dir, wider)
+
+
 def _replica_loss_and_grads(tr):
     """The trainer's step-0 loss and gradients, from a freshly traced
     `tf.function` (optimised with this thread's current Grappler options)."""
@@ -193,15 +235,18 @@ def _tiny_configs(tmp_path):
 
 def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
         tmp_path):
-    """`--grappler=lean` (the default) vs TensorFlow's default passes."""
+    """`--grappler=auto` (lean on this CPU-only host) vs TensorFlow's
+    default passes."""
     from tensorflow.core.protobuf import rewriter_config_pb2
     from nvae_tf.fast import graph_options
     from nvae_tf.training import main as train
     from tests.fast.test_graph_options import rewriter_config
-    configs = _tiny_configs(tmp_path)
-    assert configs[-1].grappler == "lean"
+    experiment = _tiny_configs(tmp_path)
+    assert experiment.runtime.grappler == "auto"
     try:
-        tr, _ = train.build_trainer(*configs, train.make_strategy(configs[-1]))
+        tr, _ = train.build_trainer(
+            experiment, train.make_strategy(experiment.runtime))
+        assert tr.runtime.grappler == "lean"  # resolved: no GPU here
         rewrite = rewriter_config()  # set by the Trainer
         assert rewrite.memory_optimization == \
             rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
@@ -219,25 +264,3 @@ def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
     for variable, a, b in zip(tr.model.trainable_variables, lean_grads, grads):
         scale = max(float(np.abs(b).max()), 1e-12)
         assert float(np.abs(a - b).max()) <= 1e-6 * scale, variable.path
-
-
-def test_training_shards_give_the_trainer_the_same_loss_and_gradients(
-        tmp_path):
-    """`--train_shards=2` vs unsharded: the same step-0 loss and gradients
-    (the batch norms combine the parts' statistics)."""
-    from nvae_tf.training import main as train
-    configs = _tiny_configs(tmp_path)
-    assert configs[-1].train_shards == 1
-    tr, _ = train.build_trainer(*configs, train.make_strategy(configs[-1]))
-    assert tr.train_shards == 1
-    loss, grads = _replica_loss_and_grads(tr)
-    tr.train_shards = 2  # as --train_shards=2 (threads aside)
-    sharded_loss, sharded_grads = _replica_loss_and_grads(tr)
-    assert np.isfinite(loss)
-    np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)
-    overall = max(float(np.abs(g).max()) for g in grads)
-    for variable, a, b in zip(tr.model.trainable_variables, sharded_grads,
-                              grads):
-        err = float(np.abs(a - b).max())
-        assert err <= 1e-4 * float(np.abs(b).max()) + 1e-7 * overall, \
-            variable.path
