@@ -50,8 +50,10 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
+from nvae_tf import cli as cli_lib
+from nvae_tf import data
 from nvae_tf import flagfiles
 from nvae_tf.fast import inference_shards as batch_shards
 
@@ -61,7 +63,7 @@ from nvae_tf.serving import images
 
 from nvae_tf.serving import inference
 from nvae_tf.fast.constant_weights import with_constant_weights
-from nvae_tf.data import make_datasets
+from nvae_tf.config import ConfigError
 from nvae_tf.datasets import SOURCE_BITS
 from nvae_tf.objectives import bits_per_dim
 
@@ -250,17 +252,25 @@ def define_flags():
     flags.DEFINE_string("data_dir", None,
                         "Data location; default: config.json's, else the "
                         "dataset's default.")
+    flags.DEFINE_enum("image_check", None, list(data.IMAGE_CHECKS),
+                      "image_folder files that cannot be decoded: scan stops "
+                      "naming them, skip leaves them out with a warning; "
+                      "default: config.json's, else scan.")
     flags.DEFINE_integer("batch_size", 0,
                          "Images per batch; 0: config.json's batch size "
                          "(the data section's default for a converted "
-                         "official checkpoint).")
+                         "official checkpoint).",
+                         lower_bound=0)
     flags.DEFINE_integer("seed", 1, "Seed of every random draw.")
     flags.DEFINE_integer("num_iw_samples", 1000,
-                         "nll: importance samples per image (official 1000).")
+                         "nll: importance samples per image (official 1000).",
+                         lower_bound=1)
     flags.DEFINE_integer("iw_samples_per_pass", 1,
-                         "nll: samples per forward pass (tiles the batch).")
+                         "nll: samples per forward pass (tiles the batch).",
+                         lower_bound=1)
     flags.DEFINE_integer("max_images", 0,
-                         "nll: evaluate at most this many images (0: all).")
+                         "nll: evaluate at most this many images (0: all).",
+                         lower_bound=0)
     flags.DEFINE_integer(
         "inference_shards", batch_shards.AUTO,
         "nll/sample: cut every batch into this many parts that run on their "
@@ -275,16 +285,20 @@ def define_flags():
         "are computed once instead of every batch (same results, 7-11% "
         "faster per batch; a few copies of the weights more memory). Turn "
         "off for models with more than 1 GB of weights.")
-    flags.DEFINE_integer("num_samples", 64, "sample: number of images.")
+    flags.DEFINE_integer("num_samples", 64, "sample: number of images.",
+                         lower_bound=1)
     flags.DEFINE_float("temperature", 0.7,
-                       "sample: latent temperature (official --temp).")
+                       "sample: latent temperature (official --temp).",
+                       lower_bound=0.0)
     flags.DEFINE_bool("readjust_bn", False,
                       "sample: re-estimate BN statistics at --temperature "
                       "(official --readjust_bn); cached in MODEL_DIR/bn_stats.")
     flags.DEFINE_integer("bn_passes", bn_readjust.READJUST_PASSES,
-                         "sample: sampling passes of the BN re-estimation.")
+                         "sample: sampling passes of the BN re-estimation.",
+                         lower_bound=1)
     flags.DEFINE_integer("bn_batch_size", bn_readjust.READJUST_BATCH_SIZE,
-                         "sample: batch size of the BN re-estimation.")
+                         "sample: batch size of the BN re-estimation.",
+                         lower_bound=1)
     flags.DEFINE_string("output", None,
                         "PNG to write; default MODEL_DIR/eval/<mode>.png.")
     flags.DEFINE_string("output_npy", None,
@@ -292,23 +306,31 @@ def define_flags():
                         "[0, 1] as .npy.")
     flags.DEFINE_integer("grid_columns", 0,
                          "Images per grid row; 0: ceil(sqrt(N)) for samples, "
-                         "8 for reconstructions.")
-    flags.DEFINE_integer("num_images", 8, "reconstruct: number of images.")
-    flags.DEFINE_integer("num_pairs", 4, "interpolate: pairs of images.")
+                         "8 for reconstructions.", lower_bound=0)
+    flags.DEFINE_integer("num_images", 8, "reconstruct: number of images.",
+                         lower_bound=1)
+    flags.DEFINE_integer("num_pairs", 4, "interpolate: pairs of images.",
+                         lower_bound=1)
     flags.DEFINE_integer("num_steps", 8,
                          "interpolate: decoded points per pair, endpoints "
-                         "included.")
+                         "included.", lower_bound=2)
     flags.mark_flag_as_required("model_dir")
 
 
 def _eval_dataset(experiment):
     """The evaluation split of the model directory's data section, with
-    --batch_size and --data_dir if given."""
+    --batch_size, --data_dir and --image_check if given."""
     data_config = experiment.data
-    data_config = dataclasses.replace(
-        data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
-        data_dir=FLAGS.data_dir or data_config.data_dir)
-    _, eval_ds, info = make_datasets(data_config, seed=FLAGS.seed)
+    try:
+        data_config = dataclasses.replace(
+            data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
+            data_dir=FLAGS.data_dir or data_config.data_dir,
+            image_check=FLAGS.image_check or data_config.image_check)
+        _, eval_ds, info = data.make_datasets(data_config, seed=FLAGS.seed)
+    except ConfigError as err:
+        raise cli_lib.UserError(
+            f"{err} (the data settings come from --data_dir, --batch_size "
+            f"and {FLAGS.model_dir}/config.json)") from err
     return eval_ds, info
 
 
@@ -388,7 +410,9 @@ def run_interpolate(loaded):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise cli_lib.UserError(f"Unexpected arguments {argv[1:]}; pass "
+                                "--model_dir=... --mode=...")
     start = time.time()
     # Before the first op: threads are fixed when TensorFlow starts. Only
     # the modes that shard their batches get the shards' threads.
@@ -403,13 +427,19 @@ def main(argv):
     result = {"mode": FLAGS.mode, "model_dir": FLAGS.model_dir,
               "checkpoint": loaded.checkpoint_id, **runner(loaded),
               "seconds": round(time.time() - start, 2)}
+    skipped = data.skipped_image_files()
+    if skipped:
+        result["skipped_images"] = len(skipped)
+        logging.warning("%d image file(s) could not be decoded and were left "
+                        "out (remove or fix them): %s", len(skipped),
+                        ", ".join(skipped))
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 
 def cli():
     """Entry point of `python -m nvae_tf.evaluate`."""
     define_flags()
-    app.run(main, argv=flagfiles.command_line(__name__))
+    cli_lib.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import os
 from absl import flags
 
 from nvae_tf import config as config_lib
+from nvae_tf import data as data_lib
 from nvae_tf import datasets
 from nvae_tf.config import ConfigError, NVAEConfig
 from nvae_tf.experiment import ExperimentConfig, build_section
@@ -164,6 +165,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_enum("random_flip", "auto", list(TRISTATE),
                   "Random horizontal flips of training images; auto: the "
                   "official setting of the dataset.", **fv)
+    f.DEFINE_enum("image_check", "scan", list(data_lib.IMAGE_CHECKS),
+                  "image_folder files that cannot be decoded: scan decodes "
+                  "every file before training and stops naming the bad "
+                  "ones; skip trains without them, naming each in a warning "
+                  "and counting them at the end.", **fv)
     f.DEFINE_integer("shuffle_buffer", 10000,
                      "Examples in the training shuffle buffer.", **fv)
     f.DEFINE_bool("sync_batchnorm", True,
@@ -336,6 +342,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
             model, objective=objective, train=train, runtime=runtime,
             data=dict(data_dir=fv.data_dir, batch_size=fv.batch_size,
                       shuffle_buffer=fv.shuffle_buffer,
-                      random_flip=_TRISTATE_VALUES[fv.random_flip]))
+                      random_flip=_TRISTATE_VALUES[fv.random_flip],
+                      image_check=fv.image_check))
     except ConfigError as err:
         raise flag_error(err) from err
