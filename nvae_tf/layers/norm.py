@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from nvae_tf.fast.inference_shards import Parts, shared_across_shards
+from nvae_tf.layers.remat import recomputing
 
 BN_MOMENTUM = 0.95  # Keras convention; PyTorch/NVAE momentum 0.05.
 BN_EPSILON = 1e-5
@@ -264,6 +265,8 @@ class BatchNorm(keras.layers.Layer):
         return Parts(tf.cast(y, self.compute_dtype) for y in ys)
 
     def _update_moving_statistics(self, mean, unbiased):
+        if recomputing():  # the forward pass already updated them
+            return
         decay = 1.0 - self.momentum
         self.moving_mean.assign(self.moving_mean * self.momentum +
                                 decay * tf.stop_gradient(mean))

@@ -30,6 +30,7 @@ import math
 from typing import Any
 
 from nvae_tf.fast.graph_options import GRAPPLER
+from nvae_tf.layers.remat import REMAT_MODES
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
@@ -200,6 +201,11 @@ class RuntimeConfig:
         step); the evaluation batches run sharded too. 0: one per CPU core
         on a CPU-only machine with one replica, else 1; 1 (default):
         unsharded, TensorFlow's threads.
+      remat: what the training step recomputes in the backward pass
+        instead of keeping in memory (`NVAE(remat=...)`): `none`, `cells`
+        (each residual cell) or `groups` (the cells of each latent group
+        as one segment). Same loss and gradients; less memory, more time
+        (docs: BUILD.md "Memory per image").
     """
 
     model_dir: str = "/tmp/nasvae/expr/eval-exp"
@@ -210,6 +216,7 @@ class RuntimeConfig:
     grappler: str = "lean"
     require_checkpoint: bool = False
     train_shards: int = 1
+    remat: str = "none"
 
     def __post_init__(self):
         if not self.model_dir:
@@ -232,6 +239,14 @@ class RuntimeConfig:
             raise ValueError(f"--train_shards={self.train_shards!r} is "
                              "invalid: expected an integer >= 0 (0: one per "
                              "CPU core).")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"--remat={self.remat!r} is invalid: expected "
+                             f"one of {', '.join(REMAT_MODES)}.")
+        if self.remat != "none" and self.train_shards != 1:
+            raise ValueError(
+                f"--remat={self.remat} with --train_shards="
+                f"{self.train_shards}: recomputation runs the batch "
+                "unsharded; pass --train_shards=1.")
         if self.train_shards > 1 and self.num_cpu_devices > 1:
             raise ValueError(
                 f"--train_shards={self.train_shards} with --num_cpu_devices="

@@ -35,6 +35,7 @@ from absl import flags
 from nvae_tf import config as config_lib
 from nvae_tf import data as data_lib
 from nvae_tf.fast.graph_options import GRAPPLER
+from nvae_tf.layers.remat import REMAT_MODES
 from nvae_tf.training.config import (MIXED_PRECISION, STRATEGIES, RuntimeConfig,
                                   TrainConfig)
 from nvae_tf.objectives import ObjectiveConfig
@@ -201,6 +202,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                      "0: one per core on a CPU-only machine with one "
                      "replica, else 1; 1: unsharded, TensorFlow's threads.",
                      **fv)
+    f.DEFINE_enum("remat", "none", list(REMAT_MODES),
+                  "Recompute activations in the backward pass instead of "
+                  "keeping them: none, cells (each residual cell) or groups "
+                  "(each latent group's cells). Same step, less memory, "
+                  "more time; see BUILD.md, 'Memory per image'.", **fv)
     f.DEFINE_integer("checkpoint_every_steps", 0,
                      "Checkpoint every N steps; 0: every epoch.", **fv)
     f.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.", **fv)
@@ -350,7 +356,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS):
             mixed_precision=fv.mixed_precision, jit_compile=fv.jit_compile,
             num_cpu_devices=fv.num_cpu_devices, grappler=fv.grappler,
             require_checkpoint=fv.cont_training,
-            train_shards=fv.train_shards)
+            train_shards=fv.train_shards, remat=fv.remat)
         data_config = data_lib.DataConfig.from_model_config(
             model_config, batch_size=fv.batch_size, seed=fv.seed,
             data_dir=fv.data_dir, shuffle_buffer=fv.shuffle_buffer,

@@ -142,7 +142,8 @@ class Trainer:
         graph_options.set_grappler_options(
             graph_options.GRAPPLER[runtime.grappler])
         with strategy.scope():
-            self.model = NVAE(model_config, seed=train.seed)
+            self.model = NVAE(model_config, seed=train.seed,
+                              remat=runtime.remat)
             self.model.build()
             self.schedule = WarmupCosineSchedule(
                 train.learning_rate, train.learning_rate_min,

@@ -71,6 +71,11 @@ def test_defaults_resolve_to_the_official_configuration():
     assert runtime == RuntimeConfig()
 
 
+def test_remat_reaches_the_runtime_config():
+    *_, runtime = configs_from("--remat=groups")
+    assert runtime.remat == "groups"
+
+
 def test_model_dir_defaults_to_root_and_save():
     *_, runtime = configs_from("--root=/r", "--save=run7")
     assert runtime.model_dir == "/r/eval-run7"
@@ -137,6 +142,7 @@ def test_readme_presets_reproduce_the_official_global_batches():
     (["--num_cpu_devices=-1"], "--num_cpu_devices"),
     (["--train_shards=-1"], "--train_shards"),
     (["--train_shards=2", "--num_cpu_devices=2"], "--train_shards"),
+    (["--remat=cells", "--train_shards=2"], "--remat=cells"),
 ])
 def test_bad_values_name_the_flag(argv, flag):
     with pytest.raises(nvae_flags.FlagError) as err:
@@ -154,6 +160,7 @@ def test_official_multi_gpu_flags_explain_the_global_batch():
     (["--strategy=bogus"], "strategy"),
     (["--mixed_precision=fp8"], "mixed_precision"),
     (["--grappler=fast"], "grappler"),
+    (["--remat=all"], "remat"),
     (["--batch_size=abc"], "batch_size"),
     (["--dataset=svhn"], "dataset"),
 ])
