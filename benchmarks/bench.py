@@ -41,10 +41,12 @@ the fastest float32 multiply-add rate the workers measure
 setting can beat without changing the arithmetic. A FLAGFILE is a trainer
 flagfile (`configs/*.cfg`), read with `nvae_tf.training.flags`. `--jit_compile` and
 `--mixed_precision` measure the alternatives to the default float32,
-non-XLA path. `--grappler=default` optimises the graphs with all of
+non-XLA path, `--remat=cells|groups` the training step with recomputation
+(`NVAE(remat=...)`). `--grappler=default` optimises the graphs with all of
 TensorFlow's default Grappler passes instead of the `lean` set
 (`nvae_tf.fast.graph_options.GRAPPLER`).
-See docs/performance.md.
+`--memory` runs `benchmarks.memory` instead (the allocator's bytes of one
+training step; its flags). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from nvae_tf.fast.inference_shards import configure_shard_threads, resolve_shard
 from nvae_tf.config import NVAEConfig
 from nvae_tf.fast.constant_weights import with_constant_weights
 from nvae_tf.fast.graph_options import GRAPPLER, set_grappler_options
+from nvae_tf.layers.remat import REMAT_MODES
 
 # Benchmark presets: (model config, batch size). Parameter counts match the
 # official code for the same flags (issue 7).
@@ -187,7 +190,8 @@ def _time_calls(fn, steps: int):
 def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
                     shards: int = 1, training: bool = True,
-                    constant_weights: bool = True, train_shards: int = 1):
+                    constant_weights: bool = True, train_shards: int = 1,
+                    remat: str = "none"):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     Args:
@@ -204,6 +208,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         the freshly built model as constants (`constant_weights`, as
         `python -m nvae_tf.evaluate` does), else reading the variables.
       train_shards: batch shards of `train_step` (same loss and gradients).
+      remat: recomputation of the training step (`NVAE(remat=...)`).
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x, seed) -> mean
@@ -215,7 +220,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
     from nvae_tf import objectives
     from nvae_tf.model import NVAE
 
-    model = NVAE(config, seed=SEED)
+    model = NVAE(config, seed=SEED, remat=remat)
     model.build()
     compile_options = dict(jit_compile=True) if jit_compile else {}
 
@@ -301,7 +306,7 @@ def run_worker(args) -> dict:
         config, batch_size, objective, jit_compile=args.jit_compile,
         shards=shards, training=args.phase != "inference",
         constant_weights=args.weights == "constant",
-        train_shards=train_shards)
+        train_shards=train_shards, remat=args.remat)
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     rss_stages["build"] = _peak_rss_mb()
     result = {"config": args.config, "batch_size": batch_size,
@@ -361,6 +366,7 @@ def run_worker(args) -> dict:
     result["jit_compile"] = args.jit_compile
     result["mixed_precision"] = args.mixed_precision
     result["grappler"] = args.grappler
+    result["remat"] = args.remat
     if args.phase != "train":
         result["weights"] = args.weights
     result["cpu_count"] = os.cpu_count()
@@ -391,6 +397,7 @@ def _worker_command(args, config_name: str, sync_dir: str, index: int,
         cmd.append("--jit_compile")
     cmd.append(f"--mixed_precision={args.mixed_precision}")
     cmd.append(f"--grappler={args.grappler}")
+    cmd.append(f"--remat={args.remat}")
     cmd.append(f"--weights={args.weights}")
     return cmd
 
@@ -497,7 +504,8 @@ def run_repeats(args, config_name: str) -> dict:
         "config", "batch_size", "params", "tf_version", "train_shards",
         "intra_op_threads",
         "inter_op_threads", "inference_shards", "inference_threads",
-        "onednn", "jit_compile", "mixed_precision", "grappler", "weights",
+        "onednn", "jit_compile", "mixed_precision", "grappler", "remat",
+        "weights",
         "cpu_count")}
     summary["repeats"] = len(runs)
     summary["steps"] = args.steps
@@ -613,6 +621,10 @@ def parse_args(argv=None):
         help="Grappler passes of the timed functions: 'lean' (default; "
              "faster setup, same step time) or TensorFlow's 'default'")
     parser.add_argument(
+        "--remat", default="none", choices=REMAT_MODES,
+        help="recompute the training step's residual cells in its backward "
+             "pass (NVAE(remat=...)): less memory, more time")
+    parser.add_argument(
         "--weights", default="constant", choices=("constant", "variables"),
         help="eval and sample read the weights as graph 'constant's "
              "(default, as python -m nvae_tf.evaluate does: weight-only "
@@ -648,6 +660,10 @@ def parse_args(argv=None):
         parser.error(f"--train_shards={args.train_shards}: expected >= 0 "
                      "(0: one per CPU core)")
     args.train_shards = resolve_shards(args.train_shards)
+    if args.remat != "none" and args.train_shards > 1:
+        parser.error(f"--remat={args.remat} with --train_shards="
+                     f"{args.train_shards}: recomputation runs the batch "
+                     "unsharded; pass --train_shards=1")
     if args.warmup < 1:
         parser.error(f"--warmup={args.warmup}: expected >= 1 (the first "
                      "call traces)")
@@ -659,6 +675,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--memory" in argv:
+        from benchmarks import memory
+        argv.remove("--memory")
+        memory.main(argv)
+        return
     args = parse_args(argv)
     if args.worker:
         args.config = args.configs[0]
