@@ -42,10 +42,12 @@ the fastest float32 multiply-add rate the workers measure
 setting can beat without changing the arithmetic. A FLAGFILE is a trainer
 flagfile (`configs/*.cfg`), read with `nvae_tf.training.flags`. `--jit_compile` and
 `--mixed_precision` measure the alternatives to the default float32,
-non-XLA path. `--grappler=default` optimises the graphs with all of
+non-XLA path, `--remat=cells|groups` the training step with recomputation
+(`NVAE(remat=...)`). `--grappler=default` optimises the graphs with all of
 TensorFlow's default Grappler passes instead of the `lean` set
 (`nvae_tf.fast.graph_options.GRAPPLER`).
-See docs/performance.md.
+`--memory` runs `benchmarks.memory` instead (the allocator's bytes of one
+training step; its flags). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from nvae_tf.fast.inference_shards import configure_shard_threads, resolve_shard
 from nvae_tf.config import NVAEConfig
 from nvae_tf.fast.constant_weights import with_constant_weights
 from nvae_tf.fast.graph_options import GRAPPLER, set_grappler_options
+from nvae_tf.layers.remat import REMAT_MODES
 
 # Benchmark presets: (model config, batch size). Parameter counts match the
 # official code for the same flags (issue 7).
@@ -187,7 +190,8 @@ def _time_calls(fn, steps: int):
 def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
                     shards: int = 1, training: bool = True,
-                    constant_weights: bool = True, float16: bool = False):
+                    constant_weights: bool = True, float16: bool = False,
+                    remat: str = "none"):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     `train_step` is the trainer's (`nvae_tf.training.step.make_train_step`)
@@ -211,6 +215,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         `python -m nvae_tf.evaluate` does), else reading the variables.
       float16: the model runs under the `mixed_float16` policy: the step
         scales the loss as the trainer's does.
+      remat: recomputation of the training step (`NVAE(remat=...)`).
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x, seed) -> mean
@@ -230,7 +235,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
         runtime = RuntimeConfig(jit_compile=jit_compile)
         strategy = train_main.make_strategy(runtime)
     with strategy.scope() if training else contextlib.nullcontext():
-        model = NVAE(config, seed=SEED)
+        model = NVAE(config, seed=SEED, remat=remat)
         model.build()
         if training:
             train = TrainConfig(steps_per_epoch=steps_per_epoch,
@@ -341,7 +346,8 @@ def run_worker(args) -> dict:
         config, batch_size, objective, jit_compile=args.jit_compile,
         shards=shards, training=args.phase != "inference",
         constant_weights=args.weights == "constant",
-        float16=args.mixed_precision == "float16")
+        float16=args.mixed_precision == "float16",
+        remat=args.remat)
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     rss_stages["build"] = _peak_rss_mb()
     result = {"config": args.config, "batch_size": batch_size,
@@ -400,6 +406,7 @@ def run_worker(args) -> dict:
     result["jit_compile"] = args.jit_compile
     result["mixed_precision"] = args.mixed_precision
     result["grappler"] = args.grappler
+    result["remat"] = args.remat
     if args.phase != "train":
         result["weights"] = args.weights
     result["cpu_count"] = os.cpu_count()
@@ -429,6 +436,7 @@ def _worker_command(args, config_name: str, sync_dir: str, index: int,
         cmd.append("--jit_compile")
     cmd.append(f"--mixed_precision={args.mixed_precision}")
     cmd.append(f"--grappler={args.grappler}")
+    cmd.append(f"--remat={args.remat}")
     cmd.append(f"--weights={args.weights}")
     return cmd
 
@@ -534,7 +542,8 @@ def run_repeats(args, config_name: str) -> dict:
     summary = {key: runs[0][key] for key in (
         "config", "batch_size", "params", "tf_version", "intra_op_threads",
         "inter_op_threads", "inference_shards", "inference_threads",
-        "onednn", "jit_compile", "mixed_precision", "grappler", "weights",
+        "onednn", "jit_compile", "mixed_precision", "grappler", "remat",
+        "weights",
         "cpu_count")}
     summary["repeats"] = len(runs)
     summary["steps"] = args.steps
@@ -642,6 +651,10 @@ def parse_args(argv=None):
         help="Grappler passes of the timed functions: 'lean' (default; "
              "faster setup, same step time) or TensorFlow's 'default'")
     parser.add_argument(
+        "--remat", default="none", choices=REMAT_MODES,
+        help="recompute the training step's residual cells in its backward "
+             "pass (NVAE(remat=...)): less memory, more time")
+    parser.add_argument(
         "--weights", default="constant", choices=("constant", "variables"),
         help="eval and sample read the weights as graph 'constant's "
              "(default, as python -m nvae_tf.evaluate does: weight-only "
@@ -684,6 +697,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--memory" in argv:
+        from benchmarks import memory
+        argv.remove("--memory")
+        memory.main(argv)
+        return
     args = parse_args(argv)
     if args.worker:
         args.config = args.configs[0]

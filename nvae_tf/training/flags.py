@@ -36,6 +36,7 @@ from nvae_tf import datasets
 from nvae_tf.config import ConfigError, NVAEConfig
 from nvae_tf.experiment import ExperimentConfig, build_section
 from nvae_tf.fast.graph_options import GRAPPLER_CHOICES
+from nvae_tf.layers.remat import REMAT_MODES
 from nvae_tf.objectives import ObjectiveConfig
 from nvae_tf.training.config import (MIXED_PRECISION, STRATEGIES,
                                      RuntimeConfig, TrainConfig)
@@ -200,6 +201,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_integer("num_cpu_devices", 0,
                      "Split the CPU into this many logical devices (to run "
                      "MirroredStrategy without GPUs).", **fv)
+    f.DEFINE_enum("remat", "none", list(REMAT_MODES),
+                  "Recompute activations in the backward pass instead of "
+                  "keeping them: none, cells (each residual cell) or groups "
+                  "(each latent group's cells). Same step, less memory, "
+                  "more time; see BUILD.md, 'Memory per image'.", **fv)
     f.DEFINE_integer("checkpoint_every_steps", 0,
                      "Checkpoint every N steps; 0: every epoch.", **fv)
     f.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.", **fv)
@@ -337,7 +343,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
             strategy=fv.strategy, mixed_precision=fv.mixed_precision,
             jit_compile=fv.jit_compile, num_cpu_devices=fv.num_cpu_devices,
             sync_batchnorm=fv.sync_batchnorm, grappler=fv.grappler,
-            require_checkpoint=fv.cont_training))
+            require_checkpoint=fv.cont_training, remat=fv.remat))
         return ExperimentConfig.for_model(
             model, objective=objective, train=train, runtime=runtime,
             data=dict(data_dir=fv.data_dir, batch_size=fv.batch_size,

@@ -70,7 +70,8 @@ class Trainer:
             graph_options.resolve_grappler(runtime.grappler)])
         with strategy.scope():
             self.model = NVAE(model_config, seed=train.seed,
-                              sync_batchnorm=runtime.sync_batchnorm)
+                              sync_batchnorm=runtime.sync_batchnorm,
+                              remat=runtime.remat)
             self.model.build()
             self.schedule, self.optimizer = step_lib.make_optimizer(
                 train, length, self.model.trainable_variables)

@@ -73,7 +73,7 @@ def _configs(meta):
     """TrainConfig, RunLength and ObjectiveConfig of the official flags."""
     flags = meta["args_overrides"]
     train = TrainConfig(
-        batch_size=meta["batch"], learning_rate=flags["learning_rate"],
+        learning_rate=flags["learning_rate"],
         weight_decay=flags["weight_decay"], warmup_epochs=WARMUP_EPOCHS,
         steps_per_epoch=STEPS_PER_EPOCH, max_steps=flags["num_total_iter"])
     objective = objectives.ObjectiveConfig(
