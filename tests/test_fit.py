@@ -221,11 +221,13 @@ def test_standard_callbacks_run(tmp_path):
     history = model.fit(
         ds, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
         validation_data=val, verbose=0, callbacks=[
-            keras.callbacks.ModelCheckpoint(weights, monitor="val_nelbo",
-                                            save_weights_only=True),
+            keras.callbacks.ModelCheckpoint(
+                weights, monitor="val_nelbo", mode="min",
+                save_weights_only=True),
             keras.callbacks.TensorBoard(str(tmp_path / "tb")),
-            keras.callbacks.EarlyStopping(monitor="val_nelbo", patience=0,
-                                          min_delta=1e9)])
+            keras.callbacks.EarlyStopping(
+                monitor="val_nelbo", mode="min", patience=0,
+                min_delta=1e9)])
     # min_delta so large that no epoch improves: stops after epoch 2.
     assert len(history.history["val_nelbo"]) == 2
     assert os.path.exists(weights)
@@ -266,7 +268,6 @@ def _run_fit(backup, kill_after):
     return proc.returncode, proc.stdout.split("\n")
 
 
-@pytest.mark.slow
 def test_backup_and_restore_resumes_a_killed_fit(tmp_path):
     backup = str(tmp_path / "backup")
     code, lines = _run_fit(backup, kill_after=2)

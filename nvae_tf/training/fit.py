@@ -212,12 +212,6 @@ class KerasTraining:
             self.build()
         return export_lib.export_saved_model(self, filepath, **kwargs)
 
-    def _default_save_signature(self):
-        raise TypeError(
-            "tf.saved_model.save(nvae_model) is not supported: NVAE.call "
-            "returns an NVAEOutput, not a tensor. Use nvae_model.export(path)"
-            " (or `python -m nvae_tf.export`) for the serving SavedModel.")
-
 
 @dataclasses.dataclass(frozen=True)
 class _Constant:

@@ -19,7 +19,9 @@ num_replicas)`: the trainer's (`seeded_latent_noise`) is the replica's slice
 of one global-batch draw keyed by `(seed, step)`, so the update does not
 depend on the number of replicas; a test can feed recorded noise instead.
 The trainer (`nvae_tf.training.trainer`), the benchmark and the official
-lockstep test all build their step with `make_train_step`.
+lockstep test all build their step with `make_train_step`; Keras' `fit`
+(`NVAE.train_step`, `nvae_tf.training.fit`) runs the same two parts,
+`make_replica_step` and `finish_step`.
 """
 
 from __future__ import annotations
