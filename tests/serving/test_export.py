@@ -584,4 +584,7 @@ def test_model_export_refuses_other_formats_tf_saved_model_save_has_none(
     tf.saved_model.save(model, str(tmp_path / "y"))
     loaded = tf.saved_model.load(str(tmp_path / "y"))
     assert not list(loaded.signatures)
-    assert len(loaded.variables) == len(model.weights)
+    saved = tf.train.list_variables(
+        str(tmp_path / "y" / "variables" / "variables"))
+    assert len([n for n, _ in saved if "VARIABLE_VALUE" in n]) >= \
+        len(model.weights)
