@@ -7,9 +7,12 @@ For every config and repeat a fresh Python process builds the model and
 times (`--steps` calls after `--warmup` untimed ones, the first of which
 traces and optimises the graph) each of three `tf.function`s:
 
-  * `train_step`: forward, the full objective (`objectives.compute_loss` with
-    KL warm-up and balancing active and spectral + BN regularisation on,
-    lambda = 1e-2 as in the README runs), backward and the Adamax update;
+  * `train_step`: the trainer's step (`nvae_tf.training.step`, with the
+    trainer's default settings and strategy): forward, the full objective
+    (`objectives.compute_loss` with KL warm-up and balancing active and
+    spectral + BN regularisation on, lambda = 1e-2 as in the README runs),
+    backward, the finite check and the Adamax update, on a dataset that
+    repeats one batch;
   * `eval`: eval-mode forward and the mean NELBO (no gradient tape);
   * `sample`: `model.sample(batch, 1.0)` with a fixed batch.
 
@@ -39,10 +42,12 @@ the fastest float32 multiply-add rate the workers measure
 setting can beat without changing the arithmetic. A FLAGFILE is a trainer
 flagfile (`configs/*.cfg`), read with `nvae_tf.training.flags`. `--jit_compile` and
 `--mixed_precision` measure the alternatives to the default float32,
-non-XLA path. `--grappler=default` optimises the graphs with all of
+non-XLA path, `--remat=cells|groups` the training step with recomputation
+(`NVAE(remat=...)`). `--grappler=default` optimises the graphs with all of
 TensorFlow's default Grappler passes instead of the `lean` set
 (`nvae_tf.fast.graph_options.GRAPPLER`).
-See docs/performance.md.
+`--memory` runs `benchmarks.memory` instead (the allocator's bytes of one
+training step; its flags). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from nvae_tf.fast.inference_shards import configure_shard_threads, resolve_shard
 from nvae_tf.config import NVAEConfig
 from nvae_tf.fast.constant_weights import with_constant_weights
 from nvae_tf.fast.graph_options import GRAPPLER, set_grappler_options
+from nvae_tf.layers.remat import REMAT_MODES
 
 # Benchmark presets: (model config, batch size). Parameter counts match the
 # official code for the same flags (issue 7).
@@ -99,8 +105,6 @@ WEIGHT_DECAY_NORM = 1e-2
 # A long run, so that the timed steps are inside the KL warm-up (beta < 1),
 # where KL balancing is active.
 TOTAL_STEPS = 100_000
-LEARNING_RATE = 1e-2
-LEARNING_RATE_MIN = 1e-4
 SEED = 1
 
 # Reference timings of the official PyTorch code on this kind of machine
@@ -186,8 +190,14 @@ def _time_calls(fn, steps: int):
 def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
                     shards: int = 1, training: bool = True,
-                    constant_weights: bool = True):
+                    constant_weights: bool = True, float16: bool = False,
+                    remat: str = "none"):
     """The model, optimizer and the three `tf.function`s the benchmark times.
+
+    `train_step` is the trainer's (`nvae_tf.training.step.make_train_step`)
+    with the trainer's defaults (`TrainConfig()`, the strategy of
+    `python -m nvae_tf.train` on this machine, its seeded latent noise),
+    over a dataset that repeats the batch.
 
     Args:
       config: the model.
@@ -195,26 +205,45 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
       objective: `objectives.ObjectiveConfig` of the training step.
       steps_per_epoch: drives the learning-rate schedule (irrelevant to
         speed).
-      jit_compile: compile the three functions with XLA (an option only:
-        slower on this CPU, see docs/performance.md).
+      jit_compile: compile `eval_step` and `sample`, and the training
+        step's replica part as the trainer's `--jit_compile` does, with XLA
+        (an option only: slower on this CPU, see docs/performance.md).
       shards: batch shards of `eval_step` and `sample` (`inference_shards`).
       training: build the optimizer and `train_step` (else both are None).
       constant_weights: trace `eval_step` and `sample` with the weights of
         the freshly built model as constants (`constant_weights`, as
         `python -m nvae_tf.evaluate` does), else reading the variables.
+      float16: the model runs under the `mixed_float16` policy: the step
+        scales the loss as the trainer's does.
+      remat: recomputation of the training step (`NVAE(remat=...)`).
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x, seed) -> mean
       NELBO, sample(seed) -> images); `seed`: a stateless seed [2] (int64)
-      of the call's noise.
+      of the call's noise; `train_step` is a `_RepeatedBatchStep`.
     """
+    import contextlib
     import tensorflow as tf
-    from nvae_tf.training import optimizers
-    from nvae_tf import objectives
     from nvae_tf.model import NVAE
+    from nvae_tf.training import main as train_main
+    from nvae_tf.training import step as step_lib
+    from nvae_tf.training.config import RuntimeConfig, TrainConfig
+    from nvae_tf.training.config import RunLength
 
-    model = NVAE(config, seed=SEED)
-    model.build()
+    strategy = None
+    if training:
+        runtime = RuntimeConfig(jit_compile=jit_compile)
+        strategy = train_main.make_strategy(runtime)
+    with strategy.scope() if training else contextlib.nullcontext():
+        model = NVAE(config, seed=SEED, remat=remat)
+        model.build()
+        if training:
+            train = TrainConfig(steps_per_epoch=steps_per_epoch,
+                                max_steps=objective.total_steps, seed=SEED)
+            length = RunLength.resolve(train, steps_per_epoch)
+            schedule, optimizer = step_lib.make_optimizer(
+                train, length, model.trainable_variables)
+            counters = step_lib.StepCounters.create(float16)
     compile_options = dict(jit_compile=True) if jit_compile else {}
 
     def mean_nelbo(x, seed):
@@ -235,23 +264,41 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
 
     if not training:
         return model, None, None, eval_step, sample
-    epochs = max(objective.total_steps // steps_per_epoch, 2)
-    schedule = optimizers.WarmupCosineSchedule(
-        LEARNING_RATE, LEARNING_RATE_MIN, steps_per_epoch=steps_per_epoch,
-        epochs=epochs, warmup_epochs=1)
-    optimizer = optimizers.Adamax(learning_rate=schedule)
-    optimizer.build(model.trainable_variables)
-
-    @tf.function(reduce_retracing=True, **compile_options)
-    def train_step(x):
-        with tf.GradientTape() as tape:
-            result = objectives.compute_loss(model, x, optimizer.iterations,
-                                           objective)
-        grads = tape.gradient(result.loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return result.loss
-
+    options = dataclasses.replace(
+        step_lib.StepOptions.from_configs(train, runtime), float16=float16)
+    step = step_lib.make_train_step(
+        strategy, model, optimizer, schedule,
+        dataclasses.replace(objective, total_steps=length.total_steps),
+        counters, step_lib.seeded_latent_noise(train.seed), options)
+    train_step = _RepeatedBatchStep(strategy, step)
     return model, optimizer, train_step, eval_step, sample
+
+
+class _RepeatedBatchStep:
+    """The trainer's step on a distributed dataset repeating one batch.
+
+    `step(x)` runs one step on the next batch (the first call's `x`) and
+    returns the loss; `get_concrete_function(x)` is the step's graph.
+    """
+
+    def __init__(self, strategy, step):
+        self._strategy = strategy
+        self._step = step
+        self._batches = None
+
+    def _iterator(self, x):
+        if self._batches is None:
+            import tensorflow as tf
+            dataset = tf.data.Dataset.from_tensors(x).repeat()
+            self._batches = iter(
+                self._strategy.experimental_distribute_dataset(dataset))
+        return self._batches
+
+    def __call__(self, x):
+        return self._step(self._iterator(x))["loss"]
+
+    def get_concrete_function(self, x):
+        return self._step.get_concrete_function(self._iterator(x))
 
 
 def _wait_for_turn(sync_dir: str, index: int):
@@ -298,7 +345,9 @@ def run_worker(args) -> dict:
     model, _, train_step, eval_step, sample = build_functions(
         config, batch_size, objective, jit_compile=args.jit_compile,
         shards=shards, training=args.phase != "inference",
-        constant_weights=args.weights == "constant")
+        constant_weights=args.weights == "constant",
+        float16=args.mixed_precision == "float16",
+        remat=args.remat)
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     rss_stages["build"] = _peak_rss_mb()
     result = {"config": args.config, "batch_size": batch_size,
@@ -356,6 +405,7 @@ def run_worker(args) -> dict:
     result["jit_compile"] = args.jit_compile
     result["mixed_precision"] = args.mixed_precision
     result["grappler"] = args.grappler
+    result["remat"] = args.remat
     if args.phase != "train":
         result["weights"] = args.weights
     result["cpu_count"] = os.cpu_count()
@@ -385,6 +435,7 @@ def _worker_command(args, config_name: str, sync_dir: str, index: int,
         cmd.append("--jit_compile")
     cmd.append(f"--mixed_precision={args.mixed_precision}")
     cmd.append(f"--grappler={args.grappler}")
+    cmd.append(f"--remat={args.remat}")
     cmd.append(f"--weights={args.weights}")
     return cmd
 
@@ -490,7 +541,8 @@ def run_repeats(args, config_name: str) -> dict:
     summary = {key: runs[0][key] for key in (
         "config", "batch_size", "params", "tf_version", "intra_op_threads",
         "inter_op_threads", "inference_shards", "inference_threads",
-        "onednn", "jit_compile", "mixed_precision", "grappler", "weights",
+        "onednn", "jit_compile", "mixed_precision", "grappler", "remat",
+        "weights",
         "cpu_count")}
     summary["repeats"] = len(runs)
     summary["steps"] = args.steps
@@ -598,6 +650,10 @@ def parse_args(argv=None):
         help="Grappler passes of the timed functions: 'lean' (default; "
              "faster setup, same step time) or TensorFlow's 'default'")
     parser.add_argument(
+        "--remat", default="none", choices=REMAT_MODES,
+        help="recompute the training step's residual cells in its backward "
+             "pass (NVAE(remat=...)): less memory, more time")
+    parser.add_argument(
         "--weights", default="constant", choices=("constant", "variables"),
         help="eval and sample read the weights as graph 'constant's "
              "(default, as python -m nvae_tf.evaluate does: weight-only "
@@ -640,6 +696,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--memory" in argv:
+        from benchmarks import memory
+        argv.remove("--memory")
+        memory.main(argv)
+        return
     args = parse_args(argv)
     if args.worker:
         args.config = args.configs[0]

@@ -1,10 +1,12 @@
 """How the `python -m nvae_tf.*` commands report a problem the user can fix.
 
-A missing file, a refused action or an input that does not fit is reported
-as one line on stderr, naming the problem and what to do, with exit status
-`EXIT_USER_ERROR`; a traceback there would only bury the line. The traceback
-comes back with absl's `--verbosity=1` (debug) or `--pdb_post_mortem`, for
-bug reports. Any other exception is a bug and keeps its traceback.
+A missing file, a refused action, an input that does not fit, a bad flag
+value or a file system that refuses a write (read-only, full, no
+permission) is reported as one line on stderr, naming the problem and what
+to do, with exit status `EXIT_USER_ERROR`; a traceback there would only
+bury the line. The traceback comes back with absl's `--verbosity=1` (debug)
+or `--pdb_post_mortem`, for bug reports. Any other exception is a bug and
+keeps its traceback.
 
     def main(argv):
         ...
@@ -16,7 +18,10 @@ bug reports. Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 import sys
 
 from absl import app
@@ -27,19 +32,52 @@ EXIT_USER_ERROR = 1
 # File-system errors that mean a wrong path or a missing permission.
 FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, PermissionError)
+# Other OSError numbers of a file system that refuses a write, with what to
+# do. TensorFlow's file errors (tf.errors.OpError) carry only the text of
+# the number, so both are matched.
+# TensorFlow's op context around an error message.
+_OP_CONTEXT = re.compile(r"\{\{function_node [^}]*\}\}|\[Op:\w+\]")
+_NO_WRITE = "use a writable location or fix its permissions"
+_NO_SPACE = "free some space or use another location"
+FILE_SYSTEM_ERRNOS = {errno.EROFS: _NO_WRITE, errno.EACCES: _NO_WRITE,
+                      errno.EPERM: _NO_WRITE, errno.ENOSPC: _NO_SPACE,
+                      errno.EDQUOT: _NO_SPACE, errno.EFBIG: _NO_SPACE}
 
 
 class UserError(Exception):
     """A problem with the user's request or input, not with nvae_tf."""
 
 
+def _file_system_hint(err: BaseException) -> str | None:
+    """What to do about a refused write, or None if `err` is not one."""
+    if isinstance(err, OSError):
+        return FILE_SYSTEM_ERRNOS.get(err.errno)
+    tf = sys.modules.get("tensorflow")  # imported by the caller if used
+    if tf is not None and isinstance(err, tf.errors.OpError):
+        for number, hint in FILE_SYSTEM_ERRNOS.items():
+            if os.strerror(number) in err.message:
+                return hint
+    return None
+
+
 def one_line(err: BaseException) -> str:
     """The message of `err` on one line (an OSError names its path)."""
     if isinstance(err, OSError) and err.filename is not None:
         text = f"{err.strerror}: {err.filename}"
+    elif hasattr(err, "message") and isinstance(err.message, str):
+        text = _OP_CONTEXT.sub("", err.message)  # a tf.errors.OpError
     else:
         text = str(err) or type(err).__name__
+    hint = _file_system_hint(err)
+    if hint is not None and hint not in text:
+        text = f"{text.strip().rstrip('.')}; {hint}."
     return " ".join(text.split())
+
+
+def is_user_error(err: BaseException, user_errors=()) -> bool:
+    """Whether `err` is the user's to fix (see the module docstring)."""
+    return (isinstance(err, (UserError,) + FILE_ERRORS + tuple(user_errors))
+            or _file_system_hint(err) is not None)
 
 
 def _wants_traceback() -> bool:
@@ -60,14 +98,12 @@ def report_user_errors(main, user_errors=()):
     Returns:
       A `main(argv)` for `absl.app.run`.
     """
-    caught = (UserError,) + FILE_ERRORS + tuple(user_errors)
-
     @functools.wraps(main)
     def wrapped(argv):
         try:
             return main(argv)
-        except caught as err:
-            if _wants_traceback():
+        except Exception as err:  # pylint: disable=broad-except
+            if not is_user_error(err, user_errors) or _wants_traceback():
                 raise
             sys.stderr.write(f"Error: {one_line(err)}\n")
             return EXIT_USER_ERROR
@@ -75,6 +111,19 @@ def report_user_errors(main, user_errors=()):
     return wrapped
 
 
-def run(main, user_errors=()):
-    """`absl.app.run(main)` with `report_user_errors`."""
-    app.run(report_user_errors(main, user_errors))
+def parse_flags(argv):
+    """absl's flag parsing with a bad value reported as one line and exit 1
+    (absl's own parser adds a second line; `--helpshort` still works)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        sys.stderr.write(f"Error: {one_line(err)} (--helpshort lists the "
+                         "flags).\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def run(main, user_errors=(), argv=None):
+    """`absl.app.run(main, argv)` with `report_user_errors` and
+    `parse_flags`."""
+    app.run(report_user_errors(main, user_errors), argv=argv,
+            flags_parser=parse_flags)

@@ -51,20 +51,39 @@ one already used as its evaluation split, so it is always carved:
 - TFDS: the last V examples of the training split, read with TFDS split
   slicing (only those records are read).
 With f = 0 (the default) the training split is the whole one, unchanged.
+
+Undecodable image files (truncated, corrupt, not images) never stop a run
+midway. `image_check='scan'` (the default) decodes every file when the
+datasets are built and raises `DataError` naming each bad file, before any
+training step; a folder is scanned once per process. `image_check='skip'`
+does not scan: a file that fails to decode is left out of its pass with a
+warning on stderr naming it (`skipped_image_files()` lists them all); this
+decoding costs more per file (each file is its own small dataset, so that
+a failure keeps its name; docs/performance.md). Either way the training
+split is refilled from the next shuffled pass, so that every pass has
+`DataInfo.steps_per_epoch` batches even if a file breaks while training.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gzip
+import hashlib
 import os
 import re
+import sys
+import tempfile
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
+
+from nvae_tf import cli
 
 from nvae_tf import datasets
 from nvae_tf.config import ConfigError
@@ -85,6 +104,13 @@ IMAGE_FOLDER_EVAL_EVERY = 10  # every 10th sorted file is a test image.
 IMAGE_FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+# How undecodable image-folder files are handled (module docstring).
+IMAGE_CHECKS = ("scan", "skip")
+SCAN_BATCH = 1024  # paths per batch handed back by the scan
+MAX_NAMED_FILES = 10  # bad files named in one error message
+# Files decoded at once by the skip-checking decoder (each one its own tiny
+# dataset, so that a failure can be tied to its path).
+DECODE_CYCLE = 16
 
 AUTOTUNE = tf.data.AUTOTUNE
 TEST_SPLIT, VALIDATION_SPLIT = "test", "validation"
@@ -92,6 +118,11 @@ EVAL_SPLITS = (TEST_SPLIT, VALIDATION_SPLIT)
 # A TFDS training split that validation can be carved from: a split name,
 # optionally with a prefix slice (`train[:90%]`).
 _TFDS_PREFIX_SPLIT = re.compile(r"^(\w+)(\[:[^\]]*\])?$")
+
+
+class DataError(cli.UserError, ValueError):
+    """The data cannot be used as they are (corrupt, too few, unreadable);
+    the message names the file or setting and what to do."""
 
 
 # DataConfig fields an `NVAEConfig` implies (`DataConfig.from_model_config`).
@@ -125,6 +156,9 @@ class DataConfig:
       random_flip: horizontal flips of training images; None: the dataset's
         official default (on for natural images, off for MNIST-like data and
         image folders).
+      image_check: `scan` (decode every image-folder file before use and
+        fail naming the undecodable ones) or `skip` (leave them out with a
+        warning while reading); see the module docstring.
       validation_fraction: share in [0, 1) of the training split held out
         as the validation split (module docstring); 0: no validation split.
     """
@@ -138,6 +172,7 @@ class DataConfig:
     num_x_bits: int = SOURCE_BITS
     binary: bool | None = None
     random_flip: bool | None = None
+    image_check: str = "scan"
     validation_fraction: float = 0.0
 
     def __post_init__(self):
@@ -170,6 +205,8 @@ class DataConfig:
             fail("image_size", "a positive integer or None")
         if self.image_channels not in (None, 1, 3):
             fail("image_channels", "1, 3 or None")
+        if self.image_check not in IMAGE_CHECKS:
+            fail("image_check", f"one of {', '.join(IMAGE_CHECKS)}")
         fraction = self.validation_fraction
         if isinstance(fraction, bool) or not isinstance(
                 fraction, (int, float)) or not 0 <= fraction < 1:
@@ -340,23 +377,23 @@ def _read_idx_images(path: str) -> np.ndarray:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(
+        raise DataError(
             f"{path} is not a readable gzip file ({e}); it is probably "
             "corrupt: reinstall or re-download it.") from e
     if len(raw) < IDX_HEADER_BYTES:
-        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter "
+        raise DataError(f"{path} is truncated: {len(raw)} bytes, shorter "
                          "than the 16-byte IDX header.")
     magic, count, rows, cols = np.frombuffer(
         raw[:IDX_HEADER_BYTES], dtype=">u4").tolist()
     if magic != IDX_IMAGES_MAGIC:
-        raise ValueError(f"{path} is not an IDX image file: magic number "
+        raise DataError(f"{path} is not an IDX image file: magic number "
                          f"{magic:#x}, expected {IDX_IMAGES_MAGIC:#x}.")
     if (rows, cols) != (MNIST_SIDE, MNIST_SIDE):
-        raise ValueError(f"{path} holds {rows}x{cols} images, expected "
+        raise DataError(f"{path} holds {rows}x{cols} images, expected "
                          f"{MNIST_SIDE}x{MNIST_SIDE}.")
     expected = IDX_HEADER_BYTES + count * rows * cols
     if len(raw) != expected:
-        raise ValueError(f"{path} is corrupt: {len(raw)} bytes, but its header "
+        raise DataError(f"{path} is corrupt: {len(raw)} bytes, but its header "
                          f"({count} images of {rows}x{cols}) needs {expected}.")
     pixels = np.frombuffer(raw, dtype=np.uint8, offset=IDX_HEADER_BYTES)
     return pixels.reshape(count, rows, cols, 1)
@@ -375,7 +412,7 @@ def load_fashion_mnist(
 
     Raises:
       FileNotFoundError: a file is missing.
-      ValueError: a file is corrupt.
+      DataError: a file is corrupt.
     """
     folder = FASHION_MNIST_DIR if data_dir is None else os.fspath(data_dir)
     paths = [os.path.join(folder, name)
@@ -393,11 +430,16 @@ def load_fashion_mnist(
 
 class _Split(NamedTuple):
     """One split before batching: `items` and the per-example function that
-    turns an item (and a seed [2]) into a uint8 image (None: items are)."""
+    turns an item (and a seed [2]) into a uint8 image (None: items are), or
+    `decode_files(paths, training)`, a dataset transform from file paths to
+    uint8 images that may drop files (endless when training: the pipeline
+    takes one pass worth of batches)."""
 
     items: tf.data.Dataset
     num_examples: int
     to_image: Callable[[Any, tf.Tensor], tf.Tensor] | None = None
+    decode_files: Callable[[tf.data.Dataset, bool],
+                           tf.data.Dataset] | None = None
 
 
 def _tfds_missing_message(dataset: str, name: str, data_dir: str | None):
@@ -448,11 +490,11 @@ def _tfds_split(config: DataConfig, split: str, training: bool,
 
 def list_image_files(folder: str) -> list[str]:
     """Sorted paths of the PNG/JPEG files under `folder` (recursive; hidden
-    files and folders skipped), each checked to start like a PNG or JPEG.
+    files and folders skipped). Their contents are checked when decoded.
 
     Raises:
       FileNotFoundError: `folder` is not a directory.
-      ValueError: no image files, or a file that is not a PNG/JPEG image.
+      DataError: no image files.
     """
     if not os.path.isdir(folder):
         raise FileNotFoundError(
@@ -465,32 +507,171 @@ def list_image_files(folder: str) -> list[str]:
             for name in files if not name.startswith(".")
             and name.lower().endswith(IMAGE_FOLDER_EXTENSIONS)]
     if not relative:
-        raise ValueError(f"image_folder: no {'/'.join(IMAGE_FOLDER_EXTENSIONS)}"
-                         f" files found under {folder!r}.")
-    paths = [os.path.join(folder, name) for name in sorted(relative)]
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                header = f.read(len(PNG_SIGNATURE))
-        except OSError as e:
-            raise ValueError(f"image_folder: cannot read {path}: {e}") from e
-        if not header.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
-            raise ValueError(f"image_folder: {path} is not a PNG or JPEG "
-                             "image (unrecognised header); remove or fix it.")
-    return paths
+        raise DataError(f"image_folder: no {'/'.join(IMAGE_FOLDER_EXTENSIONS)}"
+                        f" files found under {folder!r}; point --data_dir "
+                        "(DataConfig.data_dir) at the folder of images.")
+    return [os.path.join(folder, name) for name in sorted(relative)]
+
+
+def _decode(path: tf.Tensor, channels: int) -> tf.Tensor:
+    """Image file -> uint8 [H, W, channels]; fails on an undecodable file."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                              dtype=tf.uint8, expand_animations=False)
+
+
+def _why_undecodable(path: str) -> str:
+    """A short reason for a file that failed to decode (read again here:
+    only the few bad files get here)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(PNG_SIGNATURE))
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    if not header.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
+        return "not a PNG or JPEG image"
+    return "truncated or corrupt"
+
+
+def find_undecodable_images(paths: list[str], channels: int = 3) -> list[str]:
+    """The files of `paths` that cannot be read and decoded, in order.
+
+    Every file is decoded in parallel by tf.data; a failing file is dropped
+    by `ignore_errors`, so the undecodable files are those missing from the
+    output.
+    """
+    def decode(path):
+        return path, tf.shape(_decode(path, channels))[0]
+
+    readable = set()
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        decode, num_parallel_calls=AUTOTUNE, deterministic=False)
+    for batch, _ in ds.ignore_errors().batch(SCAN_BATCH).as_numpy_iterator():
+        readable.update(batch.tolist())
+    return [p for p in paths if os.fsencode(p) not in readable]
+
+
+_SCANNED: set[str] = set()  # digests of the path lists scanned clean
+
+
+def _scan_image_folder(folder: str, paths: list[str], channels: int) -> None:
+    """Decodes every file once per process; raises `DataError` naming the
+    undecodable ones."""
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    if digest in _SCANNED:
+        return
+    start = time.time()
+    bad = find_undecodable_images(paths, channels)
+    seconds = time.time() - start
+    logging.info("image_folder: decoded all %d files under %s in %.1f s "
+                 "(%.0f files/s).", len(paths), folder, seconds,
+                 len(paths) / max(seconds, 1e-9))
+    if bad:
+        named = ", ".join(f"{p} ({_why_undecodable(p)})"
+                          for p in bad[:MAX_NAMED_FILES])
+        more = (f" and {len(bad) - MAX_NAMED_FILES} more"
+                if len(bad) > MAX_NAMED_FILES else "")
+        raise DataError(
+            f"image_folder: {len(bad)} of {len(paths)} files under {folder} "
+            f"cannot be decoded: {named}{more}. Remove or fix them, or pass "
+            "--image_check=skip (DataConfig.image_check='skip') to train "
+            "without them.")
+    _SCANNED.add(digest)
+
+
+_skip_log_path: str | None = None
+
+
+def _skip_log() -> str:
+    """This process's file of skipped paths, one a line (removed at exit)."""
+    global _skip_log_path
+    if _skip_log_path is None:
+        fd, _skip_log_path = tempfile.mkstemp(prefix="nvae_tf_skipped_",
+                                              suffix=".txt")
+        os.close(fd)
+        atexit.register(lambda path=_skip_log_path: os.path.exists(path)
+                        and os.remove(path))
+    return _skip_log_path
+
+
+def skipped_image_files() -> list[str]:
+    """Sorted distinct image-folder files this process has skipped because
+    they could not be decoded (each was also named in a warning)."""
+    if _skip_log_path is None or not os.path.exists(_skip_log_path):
+        return []
+    with open(_skip_log_path, encoding="utf-8", errors="replace") as f:
+        return sorted({line.rstrip("\n") for line in f if line.strip()})
+
+
+def _decode_or_skip(paths: tf.data.Dataset, to_image, placeholder: tf.Tensor
+                    ) -> tf.data.Dataset:
+    """Paths -> images; a file that fails is dropped with a warning naming it.
+
+    Each file is decoded in its own one-element dataset whose errors are
+    ignored, followed by a `placeholder` marked invalid: the first element
+    is the image if it decoded, else the placeholder. Input order is kept.
+    """
+    def decode_one(path):
+        decoded = tf.data.Dataset.from_tensors(path).map(
+            lambda p: (to_image(p), True)).ignore_errors()
+        failed = tf.data.Dataset.from_tensors((placeholder, False))
+        return decoded.concatenate(failed).take(1).map(
+            lambda image, ok: (path, image, ok))
+
+    log = "file://" + _skip_log()
+
+    def keep(path, image, ok):
+        del image
+
+        def warn():
+            line = tf.strings.join(["WARNING: image_folder: skipped ", path,
+                                    ": it cannot be decoded (truncated, "
+                                    "corrupt or not an image); remove or "
+                                    "fix it."])
+            with tf.control_dependencies([
+                    tf.print(line, output_stream=sys.stderr),
+                    tf.print(path, output_stream=log)]):
+                return tf.constant(False)
+
+        return tf.cond(ok, lambda: tf.constant(True), warn)
+
+    return paths.interleave(
+        decode_one, cycle_length=DECODE_CYCLE, num_parallel_calls=AUTOTUNE,
+        deterministic=True).filter(keep).map(lambda path, image, ok: image)
 
 
 def _image_folder_split(config: DataConfig, paths: list[str]) -> _Split:
     size, channels = config.image_size, config.image_channels
 
-    def to_image(path, seed):
-        del seed  # centre crops only.
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
-                                   dtype=tf.uint8, expand_animations=False)
-        return _crop_square_and_resize(image, size, tf.constant([0.5, 0.5]))
+    def to_image(path):
+        return _crop_square_and_resize(_decode(path, channels), size,
+                                       tf.constant([0.5, 0.5]))
+
+    placeholder = tf.zeros([size, size, channels], tf.uint8)
+
+    def decode(items, training):
+        if config.image_check == "skip":
+            images = _decode_or_skip(items, to_image, placeholder)
+        else:  # scanned: the faster plain decode; a file broken since the
+            # scan is dropped with TensorFlow's warning (without its name).
+            images = items.map(to_image, num_parallel_calls=AUTOTUNE
+                               ).ignore_errors(log_warning=True)
+        if not training:
+            return images
+
+        def none_decoded(_):
+            check = tf.debugging.Assert(False, [
+                f"image_folder: no training image under {config.data_dir} "
+                "could be decoded (see the warnings above)."])
+            with tf.control_dependencies([check]):
+                return tf.identity(placeholder)
+
+        # Refills a pass that lost files from the next one; an endless
+        # repeat ends only if no file decodes at all, which then fails.
+        return images.repeat().concatenate(
+            tf.data.Dataset.from_tensors(0).map(none_decoded))
 
     return _Split(tf.data.Dataset.from_tensor_slices(paths), len(paths),
-                  to_image)
+                  decode_files=decode)
 
 
 # -------------------------------------------------------------------- pipeline
@@ -529,7 +710,11 @@ def _batches(split: _Split, config: DataConfig, *, training: bool,
         stream = seeds.train_examples if training else seeds.eval_examples
         items = tf.data.Dataset.zip((items, _seed_stream(stream))).map(
             split.to_image, num_parallel_calls=AUTOTUNE)
+    if split.decode_files is not None:
+        items = split.decode_files(items, training)
     batches = items.batch(config.batch_size, drop_remainder=training)
+    if split.decode_files is not None and training:
+        batches = batches.take(split.num_examples // config.batch_size)
 
     source = datasets.DATASETS.get(config.dataset)
     geometry = _BATCH_GEOMETRY.get(source.geometry) if source else None
@@ -630,7 +815,9 @@ def make_datasets(
 
     Raises:
       FileNotFoundError: the data are not on this machine.
-      ValueError: corrupt data, or fewer training examples than a batch.
+      DataError: corrupt data (with `image_check='scan'`, any undecodable
+        image-folder file).
+      ConfigError: fewer training examples than a batch.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"`seed` must be an integer >= 0. Received: "
@@ -658,6 +845,8 @@ def make_datasets(
             raise ConfigError("data_dir", "None is invalid: expected the "
                               "folder of images for image_folder.")
         paths = list_image_files(config.data_dir)
+        if config.image_check == "scan":
+            _scan_image_folder(config.data_dir, paths, config.image_channels)
         every = IMAGE_FOLDER_EVAL_EVERY
         train_paths = [p for i, p in enumerate(paths) if i % every]
         mask = validation_mask(len(train_paths), validation_size(
@@ -673,7 +862,8 @@ def make_datasets(
         raise ConfigError(
             "batch_size", f"{config.batch_size} is too large: "
             f"{config.dataset} has only {train_split.num_examples} training "
-            "examples, and incomplete training batches are dropped.")
+            "examples, and incomplete training batches are dropped; use a "
+            f"batch size <= {train_split.num_examples}.")
     evaluation = validation if eval_split == VALIDATION_SPLIT else test_split
     info = DataInfo(
         num_train=train_split.num_examples,

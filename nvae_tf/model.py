@@ -23,6 +23,7 @@ from nvae_tf.layers.combiners import DecoderCombinerCell, EncoderCombinerCell
 from nvae_tf.layers.conv import WeightNormConv2D
 from nvae_tf.layers.flows import PairedAutoregressiveFlow
 from nvae_tf.layers.norm import BatchNorm
+from nvae_tf.layers.remat import check_remat_mode, recompute
 from nvae_tf.layers.tracking import CheckpointableCollections
 
 
@@ -79,9 +80,15 @@ class NVAE(CheckpointableCollections, keras.Model):
         kept in a (checkpointed) variable and on the replica id.
       sync_batchnorm: batch statistics over all replicas, as the official
         SyncBatchNorm (a runtime choice, `RuntimeConfig.sync_batchnorm`).
+      remat: what a training-mode call recomputes in the backward pass
+        instead of keeping (`layers.remat.REMAT_MODES`): `"none"`,
+        `"cells"` (each residual cell) or `"groups"` (the cells of each
+        latent group as one segment). Same loss and gradients; less memory
+        for more arithmetic.
     """
 
-    def __init__(self, config, seed=0, sync_batchnorm=True, **kwargs):
+    def __init__(self, config, seed=0, sync_batchnorm=True, remat="none",
+                 **kwargs):
         # Inputs are not autocast: pixel values k/255 must reach the
         # likelihood exactly, also under a mixed-precision policy.
         kwargs.setdefault("autocast", False)
@@ -93,6 +100,7 @@ class NVAE(CheckpointableCollections, keras.Model):
         self.config = config
         self.seed = int(seed)
         self.sync_batchnorm = bool(sync_batchnorm)
+        self.remat = check_remat_mode(remat)
         c = config
         sync = self.sync_batchnorm
         kw = dict(dtype=self.dtype_policy)
@@ -368,17 +376,39 @@ class NVAE(CheckpointableCollections, keras.Model):
         for scale, groups in enumerate(c.groups_per_decoder_scale):
             for _ in range(groups):
                 if k > 0:
-                    for _ in range(c.num_cell_per_cond_dec):
-                        state = next(cells)(state, training=training)
+                    state = self._run_cells(
+                        [next(cells) for _ in range(c.num_cell_per_cond_dec)],
+                        state, training, latent_group=True)
                 z = next_latent(k, state)
                 state = self.decoder_combiners[k](state, z)
                 k += 1
             if scale < c.num_latent_scales - 1:
-                state = self.decoder_up_cells[scale](state,
-                                                     training=training)
-        for cell in self.postprocess:
-            state = cell(state, training=training)
+                state = self._run_cells([self.decoder_up_cells[scale]], state,
+                                        training)
+        state = self._run_cells(self.postprocess, state, training)
         return tf.cast(self.image_head(tf.nn.elu(state)), tf.float32)
+
+    def _run_cells(self, cells, state, training, latent_group=False):
+        """`state` through residual `cells` in turn, recomputed per `remat`.
+
+        In training with `remat="cells"` each cell is a recomputed segment;
+        with `"groups"` the cells of a latent group (`latent_group`) form
+        one segment and other cells are segments on their own.
+        """
+        if not training or self.remat == "none":
+            for cell in cells:
+                state = cell(state, training=training)
+            return state
+        segments = [cells] if latent_group and self.remat == "groups" \
+            else [[cell] for cell in cells]
+        for segment in segments:
+            def run(s, segment=segment):
+                for cell in segment:
+                    s = cell(s, training=True)
+                return s
+
+            state = recompute(run)(state)
+        return state
 
     def _prior_params(self, k, state, batch_size):
         if k == 0:
@@ -392,17 +422,18 @@ class NVAE(CheckpointableCollections, keras.Model):
         """Bottom-up pass: the top feature and the remembered group features."""
         c = self.config
         s = self.stem(tf.cast(2.0 * x - 1.0, self.compute_dtype))
-        for cell in self.preprocess:
-            s = cell(s, training=training)
+        s = self._run_cells(self.preprocess, s, training)
         cells = iter(self.encoder_cells)
         features = []
         for scale in range(c.num_latent_scales):
             for _ in range(c.groups_per_scale[scale]):
-                for _ in range(c.num_cell_per_cond_enc):
-                    s = next(cells)(s, training=training)
+                s = self._run_cells(
+                    [next(cells) for _ in range(c.num_cell_per_cond_enc)], s,
+                    training, latent_group=True)
                 features.append(s)
             if scale < c.num_latent_scales - 1:
-                s = self.encoder_down_cells[scale](s, training=training)
+                s = self._run_cells([self.encoder_down_cells[scale]], s,
+                                    training)
         features.pop()  # the last group's feature goes through enc0 instead
         return tf.nn.elu(self.enc0(tf.nn.elu(s))), features
 
@@ -565,4 +596,5 @@ class NVAE(CheckpointableCollections, keras.Model):
 
     def get_config(self):
         return {"config": self.config.to_dict(), "seed": self.seed,
-                "sync_batchnorm": self.sync_batchnorm, "name": self.name}
+                "sync_batchnorm": self.sync_batchnorm, "remat": self.remat,
+                "name": self.name}

@@ -47,13 +47,13 @@ def inference_test_config(head):
         res_dist=True, num_nf=0)
 
 
-def run_fresh_python(code: str) -> str:
+def run_fresh_python(code: str, timeout: float = 120) -> str:
     """Runs `code` in a new Python process at the repository root (for
     settings that must precede TensorFlow's runtime); returns its stdout."""
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=os.path.dirname(
             os.path.dirname(os.path.abspath(__file__))),
-        capture_output=True, text=True, timeout=120, check=False)
+        capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -68,3 +68,39 @@ def test_verbosity_1_shows_the_traceback(capsys, verbosity):
 
 def test_success_passes_the_return_value_through():
     assert cli.report_user_errors(lambda argv: len(argv))(["a", "b"]) == 2
+
+
+def test_refused_writes_are_user_errors_with_what_to_do(capsys):
+    main = cli.report_user_errors(_failing(OSError(
+        errno.EROFS, "Read-only file system", "/mnt/run/config.json")))
+    assert main(["prog"]) == 1
+    assert capsys.readouterr().err == (
+        "Error: Read-only file system: /mnt/run/config.json; use a writable "
+        "location or fix its permissions.\n")
+    main = cli.report_user_errors(_failing(OSError(
+        errno.ENOSPC, "No space left on device", "/mnt/run/ckpt-3.index")))
+    assert main(["prog"]) == 1
+    assert capsys.readouterr().err.endswith(
+        "ckpt-3.index; free some space or use another location.\n")
+
+
+def test_tensorflow_file_errors_are_user_errors(capsys):
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    err = tf.errors.ResourceExhaustedError(
+        None, None, "{{function_node __wrapped__SaveV2}} /r/ckpt-1.data; "
+        "No space left on device [Op:SaveV2]")
+    assert cli.report_user_errors(_failing(err))(["prog"]) == 1
+    assert capsys.readouterr().err == (
+        "Error: /r/ckpt-1.data; No space left on device; free some space or "
+        "use another location.\n")
+    # Out of memory is not a file-system error: a traceback.
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating")
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        cli.report_user_errors(_failing(oom))(["prog"])
+
+
+def test_other_os_errors_keep_their_traceback():
+    main = cli.report_user_errors(_failing(ConnectionResetError(
+        errno.ECONNRESET, "Connection reset by peer")))
+    with pytest.raises(ConnectionResetError):
+        main(["prog"])

@@ -389,8 +389,88 @@ def test_image_folder_errors(tmp_path, image_folder):
         make(tmp_path / "empty")
     bad = image_folder / "sub1" / "zz_bad.jpg"
     bad.write_bytes(b"GIF89a truncated")
-    with pytest.raises(ValueError, match="zz_bad.jpg is not a PNG or JPEG"):
+    with pytest.raises(data.DataError,
+                       match=r"zz_bad.jpg \(not a PNG or JPEG image\)"):
         make(image_folder)
+
+
+@pytest.fixture
+def folder_with_bad_images(image_folder):
+    """`image_folder` plus a truncated PNG and a text file renamed .png:
+    14 files, 12 of them decodable; both bad files are training files."""
+    good = (image_folder / "00_centre.png").read_bytes()
+    (image_folder / "05_truncated.png").write_bytes(good[:len(good) // 2])
+    (image_folder / "sub1" / "09_text.png").write_bytes(b"just some text\n")
+    return image_folder
+
+
+def _folder_config(folder, **kwargs):
+    return data.DataConfig(dataset="image_folder", data_dir=str(folder),
+                           batch_size=4, image_size=8, image_channels=1,
+                           **kwargs)
+
+
+def test_image_folder_scan_names_every_undecodable_file(
+        folder_with_bad_images):
+    with pytest.raises(data.DataError) as err:
+        data.make_datasets(_folder_config(folder_with_bad_images))
+    message = str(err.value)
+    assert "2 of 14 files" in message
+    assert "05_truncated.png (truncated or corrupt)" in message
+    assert "09_text.png (not a PNG or JPEG image)" in message
+    assert "--image_check=skip" in message
+    assert "\n" not in message
+
+
+def test_image_folder_skip_names_files_and_keeps_the_pass_length(
+        folder_with_bad_images, capfd):
+    config = _folder_config(folder_with_bad_images, image_check="skip")
+    train_ds, eval_ds, info = data.make_datasets(config)
+    # 12 training files (10 decodable) make 3 batches of 4 a pass: the
+    # third is completed from the next shuffled pass.
+    assert (info.num_train, info.num_eval, info.steps_per_epoch) == (12, 2, 3)
+    for _ in range(2):
+        batches = list(train_ds.as_numpy_iterator())
+        assert [b.shape for b in batches] == [(4, 8, 8, 1)] * 3
+    assert [b.shape for b in eval_ds.as_numpy_iterator()] == [(2, 8, 8, 1)]
+    stderr = capfd.readouterr().err
+    for name in ("05_truncated.png", "09_text.png"):
+        assert f"WARNING: image_folder: skipped {folder_with_bad_images}" \
+            in stderr
+        assert name in stderr
+    skipped = data.skipped_image_files()
+    assert str(folder_with_bad_images / "05_truncated.png") in skipped
+    assert str(folder_with_bad_images / "sub1" / "09_text.png") in skipped
+
+
+def test_image_folder_skip_without_bad_files_is_unchanged(image_folder):
+    scanned = data.make_datasets(_folder_config(image_folder))
+    skipping = data.make_datasets(_folder_config(image_folder,
+                                                 image_check="skip"))
+    for a, b in zip(scanned[:2], skipping[:2]):
+        for x, y in zip(a.as_numpy_iterator(), b.as_numpy_iterator()):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_image_folder_file_broken_after_the_scan_never_stops_a_pass(
+        image_folder):
+    config = _folder_config(image_folder)
+    data.make_datasets(config)  # scanned clean, once per process
+    broken = image_folder / "sub0" / "02.jpeg"  # a training file
+    broken.write_bytes(broken.read_bytes()[:40])
+    train_ds, _, info = data.make_datasets(config)  # not scanned again
+    assert info.steps_per_epoch == 2
+    for _ in range(2):
+        assert [b.shape for b in train_ds.as_numpy_iterator()] == [
+            (4, 8, 8, 1)] * 2
+
+
+def test_find_undecodable_images(folder_with_bad_images):
+    paths = data.list_image_files(str(folder_with_bad_images))
+    assert len(paths) == 14
+    bad = data.find_undecodable_images(paths)
+    assert [os.path.basename(p) for p in bad] == ["05_truncated.png",
+                                                  "09_text.png"]
 
 
 # ---------------------------------------------------------------------- config
@@ -401,6 +481,7 @@ def test_image_folder_errors(tmp_path, image_folder):
     (dict(shuffle_buffer=0), "shuffle_buffer"),
     (dict(num_x_bits=9), "num_x_bits"),
     (dict(binary="yes"), "binary"),
+    (dict(image_check="ignore"), "image_check"),
     (dict(image_channels=2), "image_channels"),
     (dict(dataset="mnist", image_size=32), "image_size"),
     (dict(dataset="image_folder", data_dir="/x", image_channels=3),

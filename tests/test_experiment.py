@@ -49,7 +49,8 @@ def test_json_round_trip_of_a_resolved_experiment():
     sections = json.loads(text)
     assert sections["version"] == 2
     assert sections["data"] == {"batch_size": 8, "data_dir": "/data",
-                                "random_flip": False, "shuffle_buffer": 10000,
+                                "image_check": "scan", "random_flip": False,
+                                "shuffle_buffer": 10000,
                                 "validation_fraction": 0.0}
     assert restored.data.dataset == "cifar10"  # from the model
     assert ExperimentConfig.from_json(_experiment().to_json()).run is None

@@ -65,13 +65,17 @@ def resolve_grappler(name: str,
             raise ValueError(f"`name` must be one of {GRAPPLER_CHOICES}. "
                              f"Received: name={name!r}")
         return name
+    return "default" if accelerator_visible(device_types) else "lean"
+
+
+def accelerator_visible(device_types: Sequence[str] | None = None) -> bool:
+    """Whether a GPU or TPU is among `device_types` (None: the physical
+    devices TensorFlow lists; listing them does not start its runtime)."""
     if device_types is None:
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         device_types = [d.device_type
                         for d in tf.config.list_physical_devices()]
-    if any(t in ACCELERATOR_DEVICE_TYPES for t in device_types):
-        return "default"
-    return "lean"
+    return any(t in ACCELERATOR_DEVICE_TYPES for t in device_types)
 
 
 def set_grappler_options(options: dict) -> bool:

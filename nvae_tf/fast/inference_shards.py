@@ -27,6 +27,7 @@ import os
 
 import tensorflow as tf
 
+from nvae_tf.fast import graph_options
 from nvae_tf.model import NVAESample
 
 # What `shards=0` means for a CPU process: one shard per core.
@@ -34,7 +35,11 @@ AUTO = 0
 
 
 def default_shards() -> int:
-    """One shard per CPU core available to this process."""
+    """One shard per CPU core available to this process on a CPU-only host;
+    1 where a GPU or TPU is visible (the accelerator runs the whole batch
+    as one call; shards only pay on CPU cores)."""
+    if graph_options.accelerator_visible():
+        return 1
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

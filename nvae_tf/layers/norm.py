@@ -11,6 +11,8 @@ replicas of a `tf.distribute` strategy.
 import keras
 import tensorflow as tf
 
+from nvae_tf.layers.remat import recomputing
+
 BN_MOMENTUM = 0.95  # Keras convention; PyTorch/NVAE momentum 0.05.
 BN_EPSILON = 1e-5
 
@@ -157,6 +159,8 @@ class BatchNorm(keras.layers.Layer):
         return tf.cast(y, self.compute_dtype)
 
     def _update_moving_statistics(self, mean, unbiased):
+        if recomputing():  # the forward pass already updated them
+            return
         decay = 1.0 - self.momentum
         self.moving_mean.assign(self.moving_mean * self.momentum +
                                 decay * tf.stop_gradient(mean))

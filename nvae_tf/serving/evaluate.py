@@ -52,8 +52,10 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
+from nvae_tf import cli as cli_lib
+from nvae_tf import data
 from nvae_tf import flagfiles
 from nvae_tf.fast import inference_shards as batch_shards
 
@@ -63,7 +65,7 @@ from nvae_tf.serving import images
 
 from nvae_tf.serving import inference
 from nvae_tf.fast.constant_weights import with_constant_weights
-from nvae_tf.data import EVAL_SPLITS, TEST_SPLIT, make_datasets
+from nvae_tf.config import ConfigError
 from nvae_tf.datasets import SOURCE_BITS
 from nvae_tf.objectives import bits_per_dim
 
@@ -253,29 +255,38 @@ def define_flags():
     flags.DEFINE_string("data_dir", None,
                         "Data location; default: config.json's, else the "
                         "dataset's default.")
+    flags.DEFINE_enum("image_check", None, list(data.IMAGE_CHECKS),
+                      "image_folder files that cannot be decoded: scan stops "
+                      "naming them, skip leaves them out with a warning; "
+                      "default: config.json's, else scan.")
     flags.DEFINE_integer("batch_size", 0,
                          "Images per batch; 0: config.json's batch size "
                          "(the data section's default for a converted "
-                         "official checkpoint).")
+                         "official checkpoint).",
+                         lower_bound=0)
     flags.DEFINE_integer("seed", bn_readjust.READJUST_SEED,
                          "Seed of every random draw (the default is "
                          "`export`'s, so --readjust_bn statistics cached by "
                          "one command are reused by the other).")
-    flags.DEFINE_enum("split", TEST_SPLIT, list(EVAL_SPLITS),
+    flags.DEFINE_enum("split", data.TEST_SPLIT, list(data.EVAL_SPLITS),
                       "nll/reconstruct/interpolate: the split to read; "
                       "validation needs the model directory's "
                       "validation_fraction > 0.")
     flags.DEFINE_integer("num_iw_samples", 1000,
-                         "nll: importance samples per image (official 1000).")
+                         "nll: importance samples per image (official 1000).",
+                         lower_bound=1)
     flags.DEFINE_integer("iw_samples_per_pass", 1,
-                         "nll: samples per forward pass (tiles the batch).")
+                         "nll: samples per forward pass (tiles the batch).",
+                         lower_bound=1)
     flags.DEFINE_integer("max_images", 0,
-                         "nll: evaluate at most this many images (0: all).")
+                         "nll: evaluate at most this many images (0: all).",
+                         lower_bound=0)
     flags.DEFINE_integer(
         "inference_shards", batch_shards.AUTO,
         "nll/sample: cut every batch into this many parts that run on their "
         "own core (1 intra-op thread, this many inter-op threads; same "
-        "results). 0: one per CPU core; 1: off (TensorFlow's threads).",
+        "results). 0: one per CPU core on a CPU-only host, 1 where a GPU or "
+        "TPU is visible; 1: off (TensorFlow's threads).",
         lower_bound=0)
     flags.DEFINE_bool(
         "constant_weights", True,
@@ -284,16 +295,20 @@ def define_flags():
         "are computed once instead of every batch (same results, 7-11% "
         "faster per batch; a few copies of the weights more memory). Turn "
         "off for models with more than 1 GB of weights.")
-    flags.DEFINE_integer("num_samples", 64, "sample: number of images.")
+    flags.DEFINE_integer("num_samples", 64, "sample: number of images.",
+                         lower_bound=1)
     flags.DEFINE_float("temperature", 0.7,
-                       "sample: latent temperature (official --temp).")
+                       "sample: latent temperature (official --temp).",
+                       lower_bound=0.0)
     flags.DEFINE_bool("readjust_bn", False,
                       "sample: re-estimate BN statistics at --temperature "
                       "(official --readjust_bn); cached in MODEL_DIR/bn_stats.")
     flags.DEFINE_integer("bn_passes", bn_readjust.READJUST_PASSES,
-                         "sample: sampling passes of the BN re-estimation.")
+                         "sample: sampling passes of the BN re-estimation.",
+                         lower_bound=1)
     flags.DEFINE_integer("bn_batch_size", bn_readjust.READJUST_BATCH_SIZE,
-                         "sample: batch size of the BN re-estimation.")
+                         "sample: batch size of the BN re-estimation.",
+                         lower_bound=1)
     flags.DEFINE_string("output", None,
                         "PNG to write; default MODEL_DIR/eval/<mode>.png.")
     flags.DEFINE_string("output_npy", None,
@@ -301,28 +316,37 @@ def define_flags():
                         "[0, 1] as .npy.")
     flags.DEFINE_integer("grid_columns", 0,
                          "Images per grid row; 0: ceil(sqrt(N)) for samples, "
-                         "8 for reconstructions.")
-    flags.DEFINE_integer("num_images", 8, "reconstruct: number of images.")
-    flags.DEFINE_integer("num_pairs", 4, "interpolate: pairs of images.")
+                         "8 for reconstructions.", lower_bound=0)
+    flags.DEFINE_integer("num_images", 8, "reconstruct: number of images.",
+                         lower_bound=1)
+    flags.DEFINE_integer("num_pairs", 4, "interpolate: pairs of images.",
+                         lower_bound=1)
     flags.DEFINE_integer("num_steps", 8,
                          "interpolate: decoded points per pair, endpoints "
-                         "included.")
+                         "included.", lower_bound=2)
     flags.mark_flag_as_required("model_dir")
 
 
 def _eval_dataset(experiment):
     """The --split of the model directory's data section, with
-    --batch_size and --data_dir if given."""
+    --batch_size, --data_dir and --image_check if given."""
     data_config = experiment.data
-    data_config = dataclasses.replace(
-        data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
-        data_dir=FLAGS.data_dir or data_config.data_dir)
-    if FLAGS.split != TEST_SPLIT and not data_config.validation_fraction:
-        raise app.UsageError(
+    if FLAGS.split != data.TEST_SPLIT and \
+            not data_config.validation_fraction:
+        raise cli_lib.UserError(
             f"--split={FLAGS.split}: {FLAGS.model_dir} was trained without "
             "a validation split (validation_fraction 0); use --split=test.")
-    _, eval_ds, info = make_datasets(data_config, seed=FLAGS.seed,
-                                     eval_split=FLAGS.split)
+    try:
+        data_config = dataclasses.replace(
+            data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
+            data_dir=FLAGS.data_dir or data_config.data_dir,
+            image_check=FLAGS.image_check or data_config.image_check)
+        _, eval_ds, info = data.make_datasets(data_config, seed=FLAGS.seed,
+                                              eval_split=FLAGS.split)
+    except ConfigError as err:
+        raise cli_lib.UserError(
+            f"{err} (the data settings come from --data_dir, --batch_size "
+            f"and {FLAGS.model_dir}/config.json)") from err
     return eval_ds, info
 
 
@@ -346,7 +370,7 @@ def run_nll(loaded):
     result = importance_weighted_nll(
         model, eval_ds, FLAGS.num_iw_samples, FLAGS.iw_samples_per_pass,
         max_images=FLAGS.max_images or None, seed=FLAGS.seed,
-        total_images=(info.num_validation if FLAGS.split != TEST_SPLIT
+        total_images=(info.num_validation if FLAGS.split != data.TEST_SPLIT
                       else info.num_eval), shards=FLAGS.inference_shards,
         constant_weights=FLAGS.constant_weights)
     return {"split": FLAGS.split, **result,
@@ -412,7 +436,9 @@ def run_interpolate(loaded):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise cli_lib.UserError(f"Unexpected arguments {argv[1:]}; pass "
+                                "--model_dir=... --mode=...")
     start = time.time()
     # Before the first op: threads are fixed when TensorFlow starts. Only
     # the modes that shard their batches get the shards' threads.
@@ -427,6 +453,12 @@ def main(argv):
     result = {"mode": FLAGS.mode, "model_dir": FLAGS.model_dir,
               "checkpoint": loaded.checkpoint_id, **runner(loaded),
               "seconds": round(time.time() - start, 2)}
+    skipped = data.skipped_image_files()
+    if skipped:
+        result["skipped_images"] = len(skipped)
+        logging.warning("%d image file(s) could not be decoded and were left "
+                        "out (remove or fix them): %s", len(skipped),
+                        ", ".join(skipped))
     if FLAGS.mode == "nll":  # the figures stay with the model
         result["output"] = write_json(
             os.path.join(FLAGS.model_dir, "eval", NLL_FILE), result)
@@ -436,7 +468,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.evaluate`."""
     define_flags()
-    app.run(main, argv=flagfiles.command_line(__name__))
+    cli_lib.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

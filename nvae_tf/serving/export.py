@@ -30,9 +30,9 @@ pixels are uint8 0..255:
   expectation bounds -log p(x) from above); use `python -m nvae_tf.evaluate --mode=nll` for the
   importance-weighted estimate. Non-binary images are reduced to the model's
   `num_x_bits` as in training; binary models threshold at 128.
-- Inputs are checked inside the graph, so a wrong size fails with a message
-  that names the expected shape in every runtime (TF Serving included);
-  dtype and rank are fixed by the signature.
+- Inputs are checked inside the graph, so a wrong size or a non-finite
+  latent fails with a message that names the input in every runtime (TF
+  Serving included); dtype and rank are fixed by the signature.
 
 `--inference_shards` and `--constant_weights` make `sample` and
 `log_likelihood` faster on a CPU with the same outputs (docs/serving.md).
@@ -52,8 +52,9 @@ import time
 
 import keras
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
+from nvae_tf import cli as cli_lib
 from nvae_tf import flagfiles
 from nvae_tf.serving import bn_readjust
 
@@ -165,7 +166,13 @@ class _Signatures:
             tf.reduce_all(tf.stack([tf.shape(z)[0] for z in checked])
                           == batch),
             ["every latent_NNN must have the same batch size"])
-        with tf.control_dependencies([same]):
+        # A NaN or inf latent would decode to an image of clipped garbage.
+        finite = [tf.debugging.Assert(
+            tf.reduce_all(tf.math.is_finite(z)),
+            [f"`{latent_name(k)}` (float32) must be finite; it holds NaN "
+             "or inf values"], name="check_finite")
+            for k, z in enumerate(checked)]
+        with tf.control_dependencies([same, *finite]):
             checked = [tf.identity(z) for z in checked]
         return {"images": inference.images_to_uint8(
             inference.decode_mean(self.model, checked))}
@@ -213,6 +220,14 @@ def _traced(fn, input_signature):
                            autograph=False)
     function.get_concrete_function()
     return function
+
+
+def _check_new_version(export_dir):
+    """Refuses to replace an existing export version."""
+    if tf.io.gfile.exists(export_dir):
+        raise FileExistsError(f"{export_dir} exists; pick a new version "
+                              "number, or pass --overwrite (overwrite=True) "
+                              "to replace it.")
 
 
 def _directory_size(path):
@@ -271,9 +286,8 @@ def export_saved_model(model, export_dir: str,
       FileExistsError: `export_dir` exists and `overwrite` is False.
     """
     export_dir = os.fspath(export_dir).rstrip("/")
-    if tf.io.gfile.exists(export_dir) and not overwrite:
-        raise FileExistsError(f"{export_dir} exists; pick a new version "
-                              "number or pass overwrite=True.")
+    if not overwrite:
+        _check_new_version(export_dir)
     if not os.path.basename(export_dir).isdigit():
         logging.warning("%s: TF Serving only loads numeric version folders "
                         "(saved_models/<name>/<version>).", export_dir)
@@ -389,7 +403,11 @@ def define_flags():
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise cli_lib.UserError(f"Unexpected arguments {argv[1:]}; pass "
+                                "--model_dir=... --export_dir=...")
+    if not FLAGS.overwrite:  # before the model is loaded
+        _check_new_version(FLAGS.export_dir.rstrip("/"))
     loaded = inference.load_model(FLAGS.model_dir, FLAGS.checkpoint)
     metadata = export_saved_model(
         loaded.model, FLAGS.export_dir, temperature=FLAGS.temperature,
@@ -413,7 +431,7 @@ def main(argv):
 def cli():
     """Entry point of `python -m nvae_tf.export`."""
     define_flags()
-    app.run(main, argv=flagfiles.command_line(__name__))
+    cli_lib.run(main, argv=flagfiles.command_line(__name__))
 
 
 if __name__ == "__main__":

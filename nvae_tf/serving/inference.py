@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from nvae_tf import cli
 from nvae_tf import data
 from nvae_tf.datasets import MAX_PIXEL
 from nvae_tf.fast import inference_shards
@@ -53,13 +54,24 @@ def load_model(model_dir: str, checkpoint: str | None = None) -> LoadedModel:
 
     Raises:
       FileNotFoundError: not a model directory, or no checkpoint in it.
+      cli.UserError: config.json or the checkpoint cannot be read into a
+        model (the cause is chained).
     """
-    experiment = checkpoints.read_config(model_dir)
+    try:
+        experiment = checkpoints.read_config(model_dir)
+    except ValueError as err:  # unreadable JSON or an invalid config
+        raise cli.UserError(f"{err} Fix or replace it (it is written by "
+                            "`python -m nvae_tf.train`).") from err
     path = checkpoint or checkpoints.latest_checkpoint(model_dir)
     if path is None:
         raise FileNotFoundError(
-            f"No checkpoint in {model_dir}/{checkpoints.CHECKPOINT_SUBDIR}.")
-    model = checkpoints.load_model_dir(model_dir, checkpoint_path=path)
+            f"No checkpoint in {model_dir}/{checkpoints.CHECKPOINT_SUBDIR}: "
+            "train this model first (`python -m nvae_tf.train "
+            f"--model_dir={model_dir}`) or pass --checkpoint.")
+    try:
+        model = checkpoints.load_model_dir(model_dir, checkpoint_path=path)
+    except ValueError as err:  # a corrupt or mismatched checkpoint
+        raise cli.UserError(f"{err} Pass another --checkpoint.") from err
     return LoadedModel(model=model, experiment=experiment,
                        checkpoint_path=path)
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from nvae_tf.config import ConfigError
 from nvae_tf.fast.graph_options import GRAPPLER_CHOICES
+from nvae_tf.layers.remat import REMAT_MODES
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device")
 MIXED_PRECISION = ("none", "bfloat16", "float16")
@@ -242,6 +243,11 @@ class RuntimeConfig:
         faster first step, less memory on a CPU) or `default` (TensorFlow's).
       require_checkpoint: fail if `model_dir` holds no checkpoint to resume
         (official `--cont_training`).
+      remat: what the training step recomputes in the backward pass
+        instead of keeping in memory (`NVAE(remat=...)`): `none`, `cells`
+        (each residual cell) or `groups` (the cells of each latent group
+        as one segment). Same loss and gradients; less memory, more time
+        (docs: BUILD.md "Memory per image").
       extend_run: resume although the run length (epochs, max_steps,
         steps_per_epoch, or the batches per pass) differs from the saved
         one, e.g. to extend a finished run. The LR cosine and the KL
@@ -258,6 +264,7 @@ class RuntimeConfig:
     sync_batchnorm: bool = True
     grappler: str = "auto"
     require_checkpoint: bool = False
+    remat: str = "none"
     extend_run: bool = False
 
     def __post_init__(self):
@@ -278,6 +285,8 @@ class RuntimeConfig:
         if not isinstance(self.num_cpu_devices, int) or \
                 self.num_cpu_devices < 0:
             fail("num_cpu_devices", "an integer >= 0")
+        if self.remat not in REMAT_MODES:
+            fail("remat", f"one of {', '.join(REMAT_MODES)}")
         if self.strategy == "one_device" and self.num_cpu_devices > 1:
             raise ConfigError(
                 "num_cpu_devices",

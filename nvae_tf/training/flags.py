@@ -31,10 +31,12 @@ import os
 from absl import flags
 
 from nvae_tf import config as config_lib
+from nvae_tf import data as data_lib
 from nvae_tf import datasets
 from nvae_tf.config import ConfigError, NVAEConfig
 from nvae_tf.experiment import ExperimentConfig, build_section
 from nvae_tf.fast.graph_options import GRAPPLER_CHOICES
+from nvae_tf.layers.remat import REMAT_MODES
 from nvae_tf.objectives import ObjectiveConfig
 from nvae_tf.training.config import (MIXED_PRECISION, STRATEGIES,
                                      RuntimeConfig, TrainConfig)
@@ -170,6 +172,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_enum("random_flip", "auto", list(TRISTATE),
                   "Random horizontal flips of training images; auto: the "
                   "official setting of the dataset.", **fv)
+    f.DEFINE_enum("image_check", "scan", list(data_lib.IMAGE_CHECKS),
+                  "image_folder files that cannot be decoded: scan decodes "
+                  "every file before training and stops naming the bad "
+                  "ones; skip trains without them, naming each in a warning "
+                  "and counting them at the end.", **fv)
     f.DEFINE_float("validation_fraction", 0.0,
                    "Share of the training split held out as a validation "
                    "split (the same images for every seed): evaluated every "
@@ -205,6 +212,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_integer("num_cpu_devices", 0,
                      "Split the CPU into this many logical devices (to run "
                      "MirroredStrategy without GPUs).", **fv)
+    f.DEFINE_enum("remat", "none", list(REMAT_MODES),
+                  "Recompute activations in the backward pass instead of "
+                  "keeping them: none, cells (each residual cell) or groups "
+                  "(each latent group's cells). Same step, less memory, "
+                  "more time; see BUILD.md, 'Memory per image'.", **fv)
     f.DEFINE_integer("checkpoint_every_steps", 0,
                      "Checkpoint every N steps; 0: every epoch.", **fv)
     f.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.", **fv)
@@ -350,12 +362,14 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
             strategy=fv.strategy, mixed_precision=fv.mixed_precision,
             jit_compile=fv.jit_compile, num_cpu_devices=fv.num_cpu_devices,
             sync_batchnorm=fv.sync_batchnorm, grappler=fv.grappler,
-            require_checkpoint=fv.cont_training, extend_run=fv.extend_run))
+            require_checkpoint=fv.cont_training, remat=fv.remat,
+            extend_run=fv.extend_run))
         return ExperimentConfig.for_model(
             model, objective=objective, train=train, runtime=runtime,
             data=dict(data_dir=fv.data_dir, batch_size=fv.batch_size,
                       shuffle_buffer=fv.shuffle_buffer,
                       validation_fraction=fv.validation_fraction,
-                      random_flip=_TRISTATE_VALUES[fv.random_flip]))
+                      random_flip=_TRISTATE_VALUES[fv.random_flip],
+                      image_check=fv.image_check))
     except ConfigError as err:
         raise flag_error(err) from err

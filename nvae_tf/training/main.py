@@ -11,7 +11,9 @@ evaluates (the validation split every epoch when there is one, the test
 split after the last step) and exports a SavedModel to
 saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
 resumes from the latest checkpoint (with the saved run length, unless
-`--extend_run`). This file is intentionally kept short.
+`--extend_run`). A bad flag, missing or corrupt data or a model directory
+that cannot be written stops the command with one line on stderr
+(`nvae_tf.cli`). This file is intentionally kept short.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from nvae_tf import cli as cli_lib
 from nvae_tf import flagfiles
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
@@ -233,6 +236,13 @@ def run(experiment, strategy):
                  experiment.run.num_epochs,
                  f"{trainer.model.num_parameters():,}")
     result = trainer.fit()
+    skipped = data_lib.skipped_image_files()
+    if skipped:
+        result["skipped_images"] = len(skipped)
+        logging.warning(
+            "%d image file(s) under %s could not be decoded and were left "
+            "out of training and evaluation (remove or fix them): %s",
+            len(skipped), experiment.data.data_dir, ", ".join(skipped))
     if experiment.train.export and trainer.is_chief:
         result["export_dir"] = export_model(trainer, result["step"])
     logging.info("%s NELBO %.3f nats, %.4f bits/dim (%s %s split, %d "
@@ -246,18 +256,16 @@ def run(experiment, strategy):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        experiment = nvae_flags.from_flags(FLAGS)
-        strategy = make_strategy(experiment.runtime)
-        run(experiment, strategy)
-    except nvae_flags.FlagError as err:
-        raise app.UsageError(str(err)) from err
+    experiment = nvae_flags.from_flags(FLAGS)
+    strategy = make_strategy(experiment.runtime)
+    run(experiment, strategy)
 
 
 def cli():
     """Entry point of `python -m nvae_tf.train`."""
     nvae_flags.define_flags()
-    app.run(main, argv=flagfiles.command_line(nvae_flags))
+    cli_lib.run(main, user_errors=(nvae_flags.FlagError,),
+                argv=flagfiles.command_line(nvae_flags))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,17 @@
 """The NVAE training loop on tf.distribute: a custom loop on `strategy.run`.
 
-One step, inside a `tf.function`, in the TF Model Garden style:
-
-1. replica context (`strategy.run`): forward and loss (`compute_loss`, the
-   official objective) on the replica's share of the global batch, loss
-   divided by the number of replicas, gradients, then one batched
-   `all_reduce(SUM)` of the gradients and the logged metrics; every replica
-   then holds the global-batch gradient and knows whether it is finite;
-2. cross-replica context: `tf.cond(finite, apply, skip)`. `apply` runs the
-   official Adamax `update_step` on every variable copy
-   (`strategy.extended.update`, as Keras' own distributed apply does);
-   `skip` restores the model's non-trainable state (BN statistics, power
-   iteration vectors) captured before the forward. The step counter always
-   advances; skipped and consecutive non-finite steps are counted.
+`Trainer` builds the model, the optimizer and the step's counters in the
+strategy's scope and runs the step of `nvae_tf.training.step` (forward,
+loss, all-reduce, finite check, apply or skip) over the data, with
+checkpoints, evaluation and NaN recovery around it.
 
 Everything a step depends on derives from `(seed, step)`: the data pass and
 the position in it (see `train_batches`), and the latent noise, which is the
-replica's slice of one global-batch draw (`latent_noise`), so the update does
-not depend on the number of replicas. A resumed run therefore repeats the
-uninterrupted one exactly. After `nan_patience` consecutive non-finite steps
-the last checkpoint is restored and the learning rate multiplied by
-`nan_lr_factor` (persisted as the schedule's `lr_scale`).
+replica's slice of one global-batch draw (`step.seeded_latent_noise`), so
+the update does not depend on the number of replicas. A resumed run therefore
+repeats the uninterrupted one exactly. After `nan_patience` consecutive
+non-finite steps the last checkpoint is restored and the learning rate
+multiplied by `nan_lr_factor` (persisted as the schedule's `lr_scale`).
 
 Evaluations during the run (every `eval_every_epochs` epochs and after the
 last step) are of the validation split when the data section has one, so
@@ -44,59 +35,17 @@ from nvae_tf import data as data_lib
 from nvae_tf.fast import graph_options
 from nvae_tf.training import log as train_log
 from nvae_tf.model import NVAE
-from nvae_tf.training.optimizers import Adamax, WarmupCosineSchedule
-from nvae_tf.objectives import bits_per_dim, compute_loss
+from nvae_tf.objectives import bits_per_dim
+from nvae_tf.training import step as step_lib
 
-# The official float16 GradScaler: initial scale, growth interval.
-LOSS_SCALE_INIT = 2.0 ** 10
-LOSS_SCALE_GROWTH_STEPS = 2000
 # Stream id folded into the run seed for the evaluation noise (the sample
 # grids use 2 and 3, see `train_log`).
 EVAL_NOISE_STREAM = 1
-PHILOX_NORMALS_PER_COUNTER = 4  # float32 normals per Philox counter step
 
 
 def pass_seed(seed: int, pass_index: int) -> int:
     """Data seed of training pass `pass_index` (independent per pass)."""
     return int(np.random.SeedSequence([seed, pass_index]).generate_state(1)[0])
-
-
-def latent_noise(latent_shapes, seed, replica_id, num_replicas):
-    """This replica's slice of the global-batch standard-normal latents.
-
-    Equals `stateless_normal([B_global, h, w, L], fold_in(seed, k))` rows
-    `[r b, (r + 1) b)` for group k, computed at the cost of the slice only:
-    stateless Philox normals fill element j from counter `c0 + j / 4`, so the
-    slice starts at counter offset `r b n / 4` (n = h w L).
-
-    Args:
-      latent_shapes: per group `(b, h, w, L)` with b the replica batch.
-      seed: int64 [2] stateless seed of the step.
-      replica_id, num_replicas: replica position in the sync group.
-
-    Returns:
-      A list of float32 [b, h, w, L] tensors.
-    """
-    noise = []
-    for k, shape in enumerate(latent_shapes):
-        b = shape[0]
-        per_example = int(np.prod(shape[1:]))
-        group_seed = tf.random.experimental.stateless_fold_in(seed, k)
-        if per_example % PHILOX_NORMALS_PER_COUNTER:
-            full = tf.random.stateless_normal(
-                tf.stack([b * num_replicas, *shape[1:]]), group_seed)
-            noise.append(full[replica_id * b:(replica_id + 1) * b])
-            continue
-        key, counter, alg = tf.raw_ops.StatelessRandomGetKeyCounterAlg(
-            seed=group_seed)
-        offset = tf.cast(replica_id * b, tf.int64) * (
-            per_example // PHILOX_NORMALS_PER_COUNTER)
-        counter = tf.bitcast(tf.bitcast(counter, tf.int64) + tf.stack(
-            [offset, tf.constant(0, tf.int64)]), tf.uint64)
-        noise.append(tf.raw_ops.StatelessRandomNormalV2(
-            shape=tf.stack([b, *shape[1:]]), key=key, counter=counter,
-            alg=alg))
-    return noise
 
 
 class Trainer:
@@ -123,7 +72,8 @@ class Trainer:
                               else data_lib.TEST_SPLIT)
         self.is_chief = bool(strategy.extended.should_checkpoint)
         self.num_replicas = strategy.num_replicas_in_sync
-        self.float16 = runtime.mixed_precision == "float16"
+        self.step_options = step_lib.StepOptions.from_configs(train, runtime)
+        self.noise_fn = step_lib.seeded_latent_noise(train.seed)
         # Grappler passes of every function this thread calls from now on;
         # after the strategy's tf.config calls (which reset them), before
         # the first call (which optimises the graph).
@@ -131,28 +81,20 @@ class Trainer:
             graph_options.resolve_grappler(runtime.grappler)])
         with strategy.scope():
             self.model = NVAE(model_config, seed=train.seed,
-                              sync_batchnorm=runtime.sync_batchnorm)
+                              sync_batchnorm=runtime.sync_batchnorm,
+                              remat=runtime.remat)
             self.model.build()
-            self.schedule = WarmupCosineSchedule(
-                train.learning_rate, train.learning_rate_min,
-                length.steps_per_epoch, length.schedule_epochs,
-                train.warmup_epochs)
-            self.optimizer = Adamax(self.schedule,
-                                    l2_weight_decay=train.weight_decay)
-            self.optimizer.build(self.model.trainable_variables)
-
-            def counter(name, dtype=tf.int64, value=0):
-                return tf.Variable(value, dtype=dtype, trainable=False,
-                                   name=name)
-
-            self.step = counter("step")
-            self.skipped_steps = counter("skipped_steps")
-            self.nonfinite_streak = counter("nonfinite_streak")
-            self.nan_recoveries = counter("nan_recoveries")
-            self.good_steps = counter("loss_scale_good_steps")
-            self.loss_scale = counter(
-                "loss_scale", tf.float32,
-                LOSS_SCALE_INIT if self.float16 else 1.0)
+            self.schedule, self.optimizer = step_lib.make_optimizer(
+                train, length, self.model.trainable_variables)
+            self.counters = step_lib.StepCounters.create(
+                self.step_options.float16)
+        counters = self.counters
+        self.step = counters.step
+        self.skipped_steps = counters.skipped_steps
+        self.nonfinite_streak = counters.nonfinite_streak
+        self.nan_recoveries = counters.nan_recoveries
+        self.good_steps = counters.good_steps
+        self.loss_scale = counters.loss_scale
         self.checkpoint = tf.train.Checkpoint(
             model=self.model, optimizer=self.optimizer, step=self.step,
             lr_scale=self.schedule.lr_scale,
@@ -168,110 +110,15 @@ class Trainer:
         self.manager = checkpoints.checkpoint_manager(
             self.checkpoint, self._write_dir,
             max_to_keep=train.keep_checkpoints)
-        replica_step = self._replica_step
-        if runtime.jit_compile:
-            replica_step = tf.function(replica_step, jit_compile=True)
-        self._replica_fn = replica_step
-        self.train_step = tf.function(self._distributed_train_step)
+        self.train_step = step_lib.make_train_step(
+            strategy, self.model, self.optimizer, self.schedule,
+            self.objective, counters, self.noise_fn, self.step_options)
         self._eval_step = tf.function(self._distributed_eval_step)
         self.log = train_log.TrainLog(
             self.model, train, length, self.model_dir, self.is_chief,
             fixed_images=self._fixed_images,
             nan_recoveries=self.nan_recoveries)
         self._last_saved_step = None
-
-    # ------------------------------------------------------------ the step
-    def _replica_step(self, x, step, recoveries, loss_scale):
-        ctx = tf.distribute.get_replica_context()
-        num_replicas = ctx.num_replicas_in_sync
-        batch = tf.shape(x)[0]
-        seed = tf.stack([tf.constant(self.train.seed, tf.int64), step])
-        eps = latent_noise(self.model.latent_shapes(batch), seed,
-                           ctx.replica_id_in_sync_group, num_replicas)
-        variables = self.model.trainable_variables
-        with tf.GradientTape() as tape:
-            result = compute_loss(self.model, x, step, self.objective,
-                                  training=True, eps=eps)
-            loss = result.loss
-            inject_at = self.train.debug_inject_nan_at_step
-            if inject_at >= 0:
-                inject = ((step >= inject_at) & (recoveries == 0) &
-                          (step < inject_at + self.train.nan_patience))
-                loss += tf.where(inject, float("nan"), 0.0)
-            scaled = loss * loss_scale / num_replicas
-        grads = tape.gradient(scaled, variables)
-        grads = [tf.zeros_like(v) if g is None else g
-                 for g, v in zip(grads, variables)]
-        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        if self.float16:
-            grads = [g / loss_scale for g in grads]
-        metrics = {k: v for k, v in result.metrics.items()}
-        metrics["loss"] = loss
-        names = sorted(metrics)
-        reduced = ctx.all_reduce(
-            tf.distribute.ReduceOp.SUM,
-            [tf.cast(metrics[k], tf.float32) / num_replicas for k in names])
-        metrics = dict(zip(names, reduced))
-        grads_finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        metrics["grad_norm"] = tf.linalg.global_norm(grads)
-        return grads, metrics, tf.math.is_finite(metrics["loss"]), \
-            grads_finite
-
-    def _apply(self, grads, learning_rate):
-        def update(variable, gradient):
-            self.optimizer.update_step(gradient, variable, learning_rate)
-
-        for grad, variable in zip(grads, self.model.trainable_variables):
-            self.strategy.extended.update(variable.value, update,
-                                          args=(grad,), group=False)
-        self.optimizer.iterations.assign_add(1)
-        return tf.constant(True)
-
-    def _distributed_train_step(self, iterator):
-        step = tf.convert_to_tensor(self.step)
-        state = self.model.non_trainable_variables
-        snapshot = [tf.identity(v.value) for v in state]
-        outputs = self.strategy.run(self._replica_fn, args=(
-            next(iterator), step, tf.convert_to_tensor(self.nan_recoveries),
-            tf.convert_to_tensor(self.loss_scale)))
-
-        def local(value):  # identical on every replica after all-reduce
-            return self.strategy.experimental_local_results(value)[0]
-
-        grads, metrics, loss_finite, grads_finite = outputs
-        metrics = {k: local(v) for k, v in metrics.items()}
-        loss_finite, grads_finite = local(loss_finite), local(grads_finite)
-        finite = loss_finite & grads_finite
-        learning_rate = self.schedule(step)
-
-        def skip():
-            for variable, value in zip(state, snapshot):
-                variable.value.assign(value)
-            return tf.constant(False)
-
-        tf.cond(finite, lambda: self._apply(grads, learning_rate), skip)
-        one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-        # float16: a finite loss with overflowing gradients is a loss-scale
-        # overflow (GradScaler skips it), not a divergence.
-        overflow = loss_finite & ~grads_finite & self.float16
-        self.skipped_steps.assign_add(tf.where(finite, zero, one))
-        self.nonfinite_streak.assign(tf.where(
-            finite | overflow, zero, self.nonfinite_streak + one))
-        if self.float16:
-            good = tf.where(finite, self.good_steps + one, zero)
-            grow = good >= LOSS_SCALE_GROWTH_STEPS
-            self.loss_scale.assign(self.loss_scale * tf.where(
-                finite, tf.where(grow, 2.0, 1.0), 0.5))
-            self.good_steps.assign(tf.where(grow, zero, good))
-        self.step.assign_add(1)
-        metrics.update(
-            learning_rate=tf.cast(learning_rate, tf.float32),
-            finite=finite,
-            skipped_steps=tf.convert_to_tensor(self.skipped_steps),
-            nonfinite_streak=tf.convert_to_tensor(self.nonfinite_streak),
-            loss_scale=tf.convert_to_tensor(self.loss_scale))
-        return metrics
 
     # ---------------------------------------------------------------- data
     def train_batches(self, step: int):

@@ -93,3 +93,9 @@ def test_resolve_grappler_lists_the_devices_itself(monkeypatch):
     assert graph_options.resolve_grappler("auto") == "lean"
     with pytest.raises(ValueError, match="fast"):
         graph_options.resolve_grappler("fast")
+
+
+@pytest.mark.parametrize("devices, visible", [
+    (["CPU"], False), (["CPU", "GPU"], True), (["TPU", "CPU"], True)])
+def test_accelerator_visible(devices, visible):
+    assert graph_options.accelerator_visible(devices) is visible

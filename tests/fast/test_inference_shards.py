@@ -176,3 +176,17 @@ def test_weight_tensors_are_folded_once_with_constant_weights(model):
             tf.function(with_constant_weights(model, nelbo(shards))), x)
         assert "Rsqrt" not in folded, shards
         assert folded.count("Conv2D") > 0
+
+
+def test_default_shards_is_one_per_core_on_cpu_and_one_on_an_accelerator(
+        monkeypatch):
+    """`--inference_shards=0` splits the batch over the CPU cores only when
+    no GPU/TPU is visible; with one, the batch runs as one call."""
+    from nvae_tf.fast import graph_options, inference_shards
+    monkeypatch.setattr(inference_shards.os, "sched_getaffinity",
+                        lambda pid: {0, 1, 2})
+    monkeypatch.setattr(graph_options, "accelerator_visible", lambda: False)
+    assert inference_shards.resolve_shards(inference_shards.AUTO) == 3
+    monkeypatch.setattr(graph_options, "accelerator_visible", lambda: True)
+    assert inference_shards.resolve_shards(inference_shards.AUTO) == 1
+    assert inference_shards.resolve_shards(2) == 2

@@ -95,6 +95,11 @@ bad_latent = dict(good_latents)
 bad_latent[names[-1]] = tf.zeros([3, 1, 1, 1])
 short_batch = dict(good_latents)
 short_batch[names[0]] = good_latents[names[0]][:1]
+nan_latent = dict(good_latents)
+nan_latent[names[0]] = tf.tensor_scatter_nd_update(
+    good_latents[names[0]], [[0, 0, 0, 0]], [float("nan")])
+inf_latent = dict(good_latents)
+inf_latent[names[-1]] = good_latents[names[-1]] + float("inf")
 cases = {
     "reconstruct/size": ("reconstruct",
                          dict(images=tf.zeros([1, H + 1, W, C], tf.uint8))),
@@ -112,6 +117,8 @@ cases = {
                     dict(images=tf.zeros([2, H - 1, W, C], tf.uint8))),
     "decode/shape": ("decode", bad_latent),
     "decode/batch": ("decode", short_batch),
+    "decode/nan": ("decode", nan_latent),
+    "decode/inf": ("decode", inf_latent),
     "sample/zero": ("sample", sample_inputs(0, 0.7, 1)),
     "sample/too_many": ("sample", sample_inputs(meta["max_samples"] + 1,
                                                 0.7, 1)),
@@ -423,6 +430,8 @@ def test_signatures_match_the_model(exported, fresh_process):
     ("decode/shape", r"`latent_003` \(float32\) must have shape "
                      r"\[batch, 4, 4, 3\]"),
     ("decode/batch", r"same batch size"),
+    ("decode/nan", r"`latent_000` \(float32\) must be finite"),
+    ("decode/inf", r"`latent_003` \(float32\) must be finite"),
     ("sample/zero", r"`num_samples` must be in \[1, 16\]"),
     ("sample/too_many", r"`num_samples` must be in \[1, 16\]"),
     ("sample/temperature", r"`temperature` must be finite and >= 0"),

@@ -108,6 +108,12 @@ def test_config_errors_name_the_flag_without_guessing():
     assert str(err) == "--epochs: 0 is invalid: expected an integer >= 1."
 
 
+def test_remat_reaches_the_runtime_config():
+    experiment = configs_from("--remat=groups")
+    assert experiment.runtime.remat == "groups"
+    assert configs_from().runtime.remat == "none"
+
+
 def test_model_dir_defaults_to_root_and_save():
     runtime = configs_from("--root=/r", "--save=run7").runtime
     assert runtime.model_dir == "/r/eval-run7"
@@ -189,6 +195,7 @@ def test_official_multi_gpu_flags_explain_the_global_batch():
     (["--strategy=bogus"], "strategy"),
     (["--mixed_precision=fp8"], "mixed_precision"),
     (["--grappler=fast"], "grappler"),
+    (["--remat=all"], "remat"),
     (["--batch_size=abc"], "batch_size"),
     (["--dataset=svhn"], "dataset"),
 ])

@@ -9,7 +9,7 @@ import pytest
 
 from nvae_tf.training import log as log_lib
 from nvae_tf.training.config import TrainConfig
-from nvae_tf.training.trainer import RunLength
+from nvae_tf.training.config import RunLength
 
 # 3 epochs of 10 steps.
 LENGTH = RunLength(batches_per_pass=10, steps_per_epoch=10, total_steps=30,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from nvae_tf.training import step as step_lib
 from nvae_tf.training import trainer
 from tests.training import helpers as train_helpers
 
@@ -20,7 +21,7 @@ def test_latent_noise_is_the_replica_slice_of_the_global_draw():
             [3 * 4, *shape[1:]],
             tf.random.experimental.stateless_fold_in(seed, k))
         for replica in range(4):
-            part = trainer.latent_noise(shapes, seed, replica, 4)[k]
+            part = step_lib.latent_noise(shapes, seed, replica, 4)[k]
             np.testing.assert_array_equal(
                 part.numpy(), full[3 * replica:3 * replica + 3].numpy())
 
@@ -209,9 +210,12 @@ def _replica_loss_and_grads(tr):
     state = [v.numpy() for v in tr.model.non_trainable_variables]
     zero = tf.constant(0, tf.int64)
 
+    replica_step = step_lib.make_replica_step(
+        tr.model, tr.objective, tr.noise_fn, tr.step_options)
+
     @tf.function
     def step(iterator):
-        grads, metrics, _, _ = tr.strategy.run(tr._replica_fn, args=(
+        grads, metrics, _, _ = tr.strategy.run(replica_step, args=(
             next(iterator), zero, zero, tf.constant(1.0)))
         return grads, metrics["loss"]
 

@@ -1,0 +1,64 @@
+"""The memory report of a training step (`python -m benchmarks.memory`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import bench, memory
+
+REPO = os.path.join(os.path.dirname(__file__), "..", "..")
+TIMEOUT = 900
+STATE_TOLERANCE = 0.01
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--config"),
+    (["--config=tiny", "--remat=all"], "--remat='all'"),
+    (["--config=tiny", "--steps=0"], "--steps=0"),
+    (["--config=tiny", "--batch_size=0"], "--batch_size=0"),
+])
+def test_bad_arguments_are_one_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        memory.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_flagfile_is_an_alias_of_config_and_modes_split():
+    args = memory.parse_args(["--flagfile=configs/mnist.cfg,tiny",
+                              "--remat=none,cells"])
+    assert args.configs == ["configs/mnist.cfg", "tiny"]
+    assert args.remats == ["none", "cells"]
+
+
+def test_bench_rejects_an_unknown_remat_mode(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--remat=sometimes"])
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+    assert bench.parse_args(["--remat=groups"]).remat == "groups"
+
+
+@pytest.mark.slow
+def test_report_of_a_step_adds_up():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--memory",
+         "--config=tiny", "--remat=none,cells", "--steps=2", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+        check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, cells = [json.loads(line) for line in proc.stdout.splitlines()]
+    for result in (plain, cells):
+        assert result["peak_bytes"] == result["state_bytes"] + \
+            result["step_bytes"]
+        # The weights and Adamax slots are allocated before the step.
+        assert result["state_bytes"] >= result["variable_bytes"] > 0
+        assert result["step_bytes"] > 0
+        assert result["step_bytes_per_image"] == result["step_bytes"] // 4
+        assert result["step_s"] > 0 and result["peak_rss_mb"] > 500
+    assert (plain["remat"], cells["remat"]) == ("none", "cells")
+    # The same model and optimizer: the same state, up to a few small
+    # tensors the runtime keeps (a few kB).
+    assert abs(plain["state_bytes"] - cells["state_bytes"]) <= \
+        STATE_TOLERANCE * plain["state_bytes"]
