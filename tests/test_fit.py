@@ -140,6 +140,7 @@ def max_relative_errors(trainer, fit):
     return out
 
 
+@pytest.mark.slow
 def test_fit_equals_the_trainer_step_on_one_device():
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     trainer, fit = trainer_and_fit(strategy)
