@@ -9,13 +9,17 @@ when resuming and saves it there (once, when new or changed), trains with
 `nvae_tf.training.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
 evaluates the test split and exports a SavedModel to
 saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
-resumes from the latest checkpoint. A bad flag, missing or corrupt data or
-a model directory that cannot be written stops the command with one line
-on stderr (`nvae_tf.cli`). This file is intentionally kept short.
+resumes from the latest checkpoint. A bad flag, missing or corrupt data, a
+model directory that cannot be written or is in use by another trainer
+(`lock`) stops the command with one line on stderr (`nvae_tf.cli`).
+SIGTERM or SIGINT stops it after the current step with a checkpoint and
+exit status 143 or 130 (`preemption`). This file is intentionally kept
+short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -30,6 +34,8 @@ from nvae_tf import flagfiles
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
 from nvae_tf.training import flags as nvae_flags
+from nvae_tf.training import lock as lock_lib
+from nvae_tf.training import preemption
 from nvae_tf.training import trainer as trainer_lib
 from nvae_tf.config import ConfigError
 from nvae_tf.model import NVAE
@@ -185,8 +191,30 @@ def build_trainer(experiment, strategy):
     return trainer_lib.Trainer(experiment, strategy), info
 
 
-def run(experiment, strategy):
-    """Trains (or resumes) and returns the final evaluation dict."""
+def run(experiment, strategy, stop=None):
+    """Trains (or resumes) and returns the final evaluation dict.
+
+    The chief holds the model directory's lock throughout (a second
+    trainer is refused) and first removes the folders of interrupted saves.
+
+    Args:
+      experiment: the `ExperimentConfig`.
+      strategy: the `tf.distribute.Strategy`.
+      stop: a `preemption.StopRequest` (see `Trainer.fit`).
+
+    Raises:
+      lock.ModelDirLocked: another trainer holds the model directory.
+      preemption.Interrupted: stopped by a signal after a checkpoint.
+    """
+    model_dir = experiment.runtime.model_dir
+    with contextlib.ExitStack() as stack:
+        if strategy.extended.should_checkpoint:
+            stack.enter_context(lock_lib.ModelDirLock(model_dir))
+            checkpoints.remove_temp_folders(model_dir)
+        return _run_locked(experiment, strategy, stop)
+
+
+def _run_locked(experiment, strategy, stop):
     trainer, info = build_trainer(experiment, strategy)
     experiment = trainer.experiment
     if trainer.is_chief:
@@ -197,7 +225,7 @@ def run(experiment, strategy):
                  experiment.data.batch_size, experiment.run.steps_per_epoch,
                  experiment.run.num_epochs,
                  f"{trainer.model.count_params():,}")
-    result = trainer.fit()
+    result = trainer.fit(stop)
     skipped = data_lib.skipped_image_files()
     if skipped:
         result["skipped_images"] = len(skipped)
@@ -217,9 +245,18 @@ def run(experiment, strategy):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    experiment = nvae_flags.from_flags(FLAGS)
-    strategy = make_strategy(experiment.runtime)
-    run(experiment, strategy)
+    with preemption.StopRequest() as stop:
+        experiment = nvae_flags.from_flags(FLAGS)
+        strategy = make_strategy(experiment.runtime)
+        try:
+            run(experiment, strategy, stop)
+        except preemption.Interrupted as stopped:
+            logging.warning("%s with a checkpoint in %s; rerun the same "
+                            "command to resume (exit status %d).", stopped,
+                            experiment.runtime.model_dir,
+                            stopped.exit_status)
+            return stopped.exit_status
+    return 0
 
 
 def cli():
