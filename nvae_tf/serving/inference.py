@@ -72,6 +72,8 @@ def load_model(model_dir: str, checkpoint: str | None = None) -> LoadedModel:
     try:  # by default the newest readable checkpoint (warns of damage)
         model, path = checkpoints.load_model_and_path(
             model_dir, checkpoint_path=checkpoint)
+    except checkpoints.NoReadableCheckpoint as err:  # all damaged
+        raise cli.UserError(f"{err} Pass another --checkpoint.") from err
     except ValueError as err:  # a corrupt or mismatched checkpoint
         raise cli.UserError(f"{err} Pass another --checkpoint.") from err
     return LoadedModel(model=model, experiment=experiment,

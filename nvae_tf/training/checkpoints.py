@@ -151,8 +151,8 @@ def restore_newest_readable(model_dir, restore) -> str | None:
         raise NoReadableCheckpoint(
             f"No readable checkpoint in {model_dir}/{CHECKPOINT_SUBDIR}: "
             f"{', '.join(os.path.basename(p) for p in damaged)} cannot be "
-            f"read ({cli_lib.one_line(last_error)}); restore them from a "
-            "backup or move the model directory aside to start afresh.")
+            f"restored ({cli_lib.one_line(last_error)}); restore them from "
+            "a backup or move the model directory aside to start afresh.")
     return None
 
 

@@ -194,8 +194,9 @@ def build_trainer(experiment, strategy):
 def run(experiment, strategy, stop=None):
     """Trains (or resumes) and returns the final evaluation dict.
 
-    The chief holds the model directory's lock throughout (a second
-    trainer is refused) and first removes the folders of interrupted saves.
+    After the checks (nothing written yet), the chief takes the model
+    directory's lock for the rest of the run (a second trainer is refused)
+    and removes the folders of interrupted saves.
 
     Args:
       experiment: the `ExperimentConfig`.
@@ -206,16 +207,16 @@ def run(experiment, strategy, stop=None):
       lock.ModelDirLocked: another trainer holds the model directory.
       preemption.Interrupted: stopped by a signal after a checkpoint.
     """
+    trainer, info = build_trainer(experiment, strategy)
     model_dir = experiment.runtime.model_dir
     with contextlib.ExitStack() as stack:
-        if strategy.extended.should_checkpoint:
+        if trainer.is_chief:
             stack.enter_context(lock_lib.ModelDirLock(model_dir))
             checkpoints.remove_temp_folders(model_dir)
-        return _run_locked(experiment, strategy, stop)
+        return _train(trainer, info, stop)
 
 
-def _run_locked(experiment, strategy, stop):
-    trainer, info = build_trainer(experiment, strategy)
+def _train(trainer, info, stop):
     experiment = trainer.experiment
     if trainer.is_chief:
         save_config(experiment.runtime.model_dir, experiment)
@@ -248,6 +249,7 @@ def main(argv):
     with preemption.StopRequest() as stop:
         experiment = nvae_flags.from_flags(FLAGS)
         strategy = make_strategy(experiment.runtime)
+        stop.install()
         try:
             run(experiment, strategy, stop)
         except preemption.Interrupted as stopped:

@@ -7,7 +7,9 @@ checkpoint at that step and raises `Interrupted`; the command then exits
 with `exit_status` and no traceback. In a multi-worker run the flag is
 all-reduced after every step, so every worker stops and saves at the same
 step even when only one of them was signalled. A second signal of either
-kind ends the process at once (the signal's default action).
+kind ends the process at once (the signal's default action). A signal
+after the last step lets the final evaluation and export finish (the
+final checkpoint is already saved).
 
 Exit status: 143 (128 + SIGTERM) after SIGTERM, 130 (128 + SIGINT) after
 SIGINT, the shell's conventions for a process ended by the signal: the
@@ -73,10 +75,18 @@ class StopRequest:
                         "a checkpoint (send it again to stop at once).",
                         signal.Signals(signum).name)
 
+    def install(self) -> None:
+        """(Re)installs the handlers: call again after creating a
+        MultiWorkerMirroredStrategy, whose coordination service replaces
+        the SIGTERM handler with its own preemption notifier."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self.install()
         return self
 
     def __exit__(self, *exc):

@@ -209,8 +209,20 @@ class Trainer:
         return float(self._stop_votes(tf.constant(float(local)))) > 0
 
     def _stop(self, stop, step):
-        """Saves at `step` and raises `preemption.Interrupted`."""
-        self.save()
+        """Saves at `step` and raises `preemption.Interrupted`.
+
+        Within a run of non-finite steps nothing is saved: NaN recovery
+        restores the last checkpoint, which must stay the one an
+        uninterrupted run would restore.
+        """
+        if int(self.nonfinite_streak.numpy()) == 0:
+            self.save()
+        else:
+            latest = self.manager.latest_checkpoint
+            logging.warning("Step %d follows %d non-finite step(s): not "
+                            "saved, a rerun resumes from %s.", step,
+                            int(self.nonfinite_streak.numpy()), latest)
+            step = int(latest.rsplit("-", 1)[-1]) if latest else 0
         raise preemption.Interrupted(stop.signum if stop else None, step)
 
     # --------------------------------------------------------- checkpoints

@@ -198,10 +198,11 @@ def test_no_readable_checkpoint_is_one_clear_error(two_model_checkpoints):
     _truncate(second)
     with pytest.raises(checkpoints.NoReadableCheckpoint,
                        match=r"No readable checkpoint in .*: ckpt-8, ckpt-4 "
-                             r"cannot be read \(.*\); restore them"):
+                             r"cannot be restored \(.*\); restore them"):
         checkpoints.load_model_and_path(model_dir)
     from nvae_tf.serving import inference  # pylint: disable=import-outside-toplevel
-    with pytest.raises(cli.UserError, match="No readable checkpoint"):
+    with pytest.raises(cli.UserError, match="No readable checkpoint.*Pass "
+                       "another --checkpoint"):
         inference.load_model(model_dir)
 
 
