@@ -351,8 +351,7 @@ def run_worker(args) -> dict:
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     rss_stages["build"] = _peak_rss_mb()
     result = {"config": args.config, "batch_size": batch_size,
-              "params": int(sum(v.shape.num_elements()
-                                for v in model.trainable_variables)),
+              "params": model.num_parameters(),
               "build_s": time.perf_counter() - start}
     calls = itertools.count()
 

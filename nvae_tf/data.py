@@ -2,7 +2,9 @@
 
 `make_datasets(DataConfig(...))` returns a training and an evaluation
 `tf.data.Dataset` of float32 image batches `[B, H, W, C]` in [0, 1] (labels
-dropped) and a `DataInfo`. Images come at their stored shape (28x28 for
+dropped) and a `DataInfo`. The evaluation split is the test split, or the
+validation split (`eval_split="validation"`) carved out of the training
+split by `validation_fraction` (see "Validation split" below). Images come at their stored shape (28x28 for
 MNIST-like data; the model pads 28 -> 32 itself). Preprocessing follows the
 official data loaders and `pre_process` and runs on whole batches:
 
@@ -36,7 +38,19 @@ Sources:
 - `image_folder`: PNG/JPEG files under `data_dir` (recursive), converted to
   `image_channels`, centre-cropped to a square and resized to `image_size`.
   Files are sorted by relative path; every 10th (indices 0, 10, 20, ...) is
-  the evaluation set, the rest the training set.
+  the test set, the rest the training set.
+
+Validation split: with `validation_fraction` f > 0, V = round(f N) of the N
+training examples are held out of training, the same ones for every seed,
+so that model choices (tuning, early stopping) never look at the test split.
+None of the datasets above has a validation split of its own besides the
+one already used as its evaluation split, so it is always carved:
+- Fashion-MNIST and image folders: spread evenly over the stored order
+  (of the training files, for a folder): example i is a validation example
+  when floor((i + 1) V / N) > floor(i V / N), which picks exactly V;
+- TFDS: the last V examples of the training split, read with TFDS split
+  slicing (only those records are read).
+With f = 0 (the default) the training split is the whole one, unchanged.
 
 Undecodable image files (truncated, corrupt, not images) never stop a run
 midway. `image_check='scan'` (the default) decodes every file when the
@@ -57,6 +71,7 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -85,7 +100,7 @@ IDX_HEADER_BYTES = 16  # magic, count, rows, cols as big-endian uint32.
 CELEBA_CROP_LEFT, CELEBA_CROP_TOP = 15, 40
 CELEBA_CROP_RIGHT, CELEBA_CROP_BOTTOM = 163, 188
 
-IMAGE_FOLDER_EVAL_EVERY = 10  # every 10th sorted file is an evaluation image.
+IMAGE_FOLDER_EVAL_EVERY = 10  # every 10th sorted file is a test image.
 IMAGE_FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -98,6 +113,11 @@ MAX_NAMED_FILES = 10  # bad files named in one error message
 DECODE_CYCLE = 16
 
 AUTOTUNE = tf.data.AUTOTUNE
+TEST_SPLIT, VALIDATION_SPLIT = "test", "validation"
+EVAL_SPLITS = (TEST_SPLIT, VALIDATION_SPLIT)
+# A TFDS training split that validation can be carved from: a split name,
+# optionally with a prefix slice (`train[:90%]`).
+_TFDS_PREFIX_SPLIT = re.compile(r"^(\w+)(\[:[^\]]*\])?$")
 
 
 class DataError(cli.UserError, ValueError):
@@ -139,6 +159,8 @@ class DataConfig:
       image_check: `scan` (decode every image-folder file before use and
         fail naming the undecodable ones) or `skip` (leave them out with a
         warning while reading); see the module docstring.
+      validation_fraction: share in [0, 1) of the training split held out
+        as the validation split (module docstring); 0: no validation split.
     """
 
     dataset: str
@@ -151,6 +173,7 @@ class DataConfig:
     binary: bool | None = None
     random_flip: bool | None = None
     image_check: str = "scan"
+    validation_fraction: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.data_dir, os.PathLike):
@@ -184,6 +207,10 @@ class DataConfig:
             fail("image_channels", "1, 3 or None")
         if self.image_check not in IMAGE_CHECKS:
             fail("image_check", f"one of {', '.join(IMAGE_CHECKS)}")
+        fraction = self.validation_fraction
+        if isinstance(fraction, bool) or not isinstance(
+                fraction, (int, float)) or not 0 <= fraction < 1:
+            fail("validation_fraction", "a number in [0, 1)")
         if source is None:  # image_folder (data_dir: checked when opened)
             for name in ("image_size", "image_channels"):
                 if getattr(self, name) is None:
@@ -236,18 +263,22 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-    """Sizes of the two splits.
+    """Sizes of the splits.
 
     Attributes:
-      num_train / num_eval: examples in the training / evaluation split.
+      num_train: examples in the training split (without the validation
+        examples).
+      num_eval: examples in the test split.
       image_shape: [H, W, C] of the yielded images.
       steps_per_epoch: full training batches per pass, num_train // batch.
+      num_validation: examples in the validation split (0: none).
     """
 
     num_train: int
     num_eval: int
     image_shape: tuple[int, int, int]
     steps_per_epoch: int
+    num_validation: int = 0
 
 
 # --------------------------------------------------------------- preprocessing
@@ -708,20 +739,79 @@ def _batches(split: _Split, config: DataConfig, *, training: bool,
     return ds.with_options(options)
 
 
+def validation_size(num_examples: int, fraction: float) -> int:
+    """V = round(fraction * N), the validation examples carved out of N.
+
+    Raises:
+      ConfigError: a fraction > 0 that rounds to no example.
+    """
+    count = round(fraction * num_examples)
+    if fraction and not count:
+        raise ConfigError(
+            "validation_fraction", f"{fraction} of the {num_examples} "
+            "training examples rounds to no validation example; raise it.")
+    return count
+
+
+def validation_mask(num_examples: int, num_validation: int) -> np.ndarray:
+    """bool [N]: example i is held out for validation when
+    floor((i + 1) V / N) > floor(i V / N): exactly V examples, spread evenly
+    over the stored order."""
+    index = np.arange(num_examples, dtype=np.int64)
+    return ((index + 1) * num_validation // num_examples >
+            index * num_validation // num_examples)
+
+
+def _array_splits(train: np.ndarray, fraction: float):
+    """(training, validation) `_Split`s of an in-memory training array."""
+    mask = validation_mask(len(train),
+                           validation_size(len(train), fraction))
+    return (_Split(tf.data.Dataset.from_tensor_slices(train[~mask]),
+                   int((~mask).sum())),
+            _Split(tf.data.Dataset.from_tensor_slices(train[mask]),
+                   int(mask.sum())))
+
+
+def _tfds_splits(config: DataConfig, seeds: _Seeds):
+    """(training, validation, test) `_Split`s of a TFDS dataset (TFDS
+    reads lazily: a split costs nothing until iterated)."""
+    source = datasets.DATASETS[config.dataset]
+    train = _tfds_split(config, source.train_split, True, seeds.files)
+    test = _tfds_split(config, source.eval_split, False, seeds.files)
+    if not config.validation_fraction:
+        return train, _Split(None, 0), test
+    match = _TFDS_PREFIX_SPLIT.match(source.train_split)
+    if match is None:
+        raise ConfigError(
+            "validation_fraction", f"{config.dataset}'s training split "
+            f"{source.train_split!r} cannot be carved; use 0.")
+    # The training split is a prefix of `base`: its first `total` records.
+    base, total = match.group(1), train.num_examples
+    held_out = validation_size(total, config.validation_fraction)
+    kept = total - held_out
+    train = _tfds_split(config, f"{base}[:{kept}]", True, seeds.files)
+    validation = _tfds_split(config, f"{base}[{kept}:{total}]", False,
+                             seeds.files)
+    return (train._replace(num_examples=kept),
+            validation._replace(num_examples=held_out), test)
+
+
 def make_datasets(
-        config: DataConfig, seed: int = 0
+        config: DataConfig, seed: int = 0, eval_split: str = TEST_SPLIT
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, DataInfo]:
     """Builds the training and evaluation pipelines.
 
     Args:
       config: what to read and how.
       seed: seed (>= 0) of shuffling, flips and binarisation.
+      eval_split: the evaluation pipeline's split, `test` or `validation`
+        (which needs `config.validation_fraction` > 0).
 
     Returns:
       (train_ds, eval_ds, info). Both yield float32 [B, H, W, C] in [0, 1].
       train_ds is shuffled, drops the last partial batch and is not repeated
-      (the caller repeats it); eval_ds is in file order and keeps every
-      example.
+      (the caller repeats it); it never holds validation examples. eval_ds
+      is in stored order and keeps every example.
 
     Raises:
       FileNotFoundError: the data are not on this machine.
@@ -732,13 +822,24 @@ def make_datasets(
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"`seed` must be an integer >= 0. Received: "
                          f"seed={seed!r}")
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"`eval_split` must be one of {EVAL_SPLITS}. "
+                         f"Received: eval_split={eval_split!r}")
+    if eval_split == VALIDATION_SPLIT and not config.validation_fraction:
+        raise ConfigError("validation_fraction", "0 leaves no validation "
+                          "split to evaluate; set a fraction in (0, 1).")
     seeds = _Seeds.from_seed(seed)
+    fraction = config.validation_fraction
     if config.dataset == "fashion_mnist":
         train, test = load_fashion_mnist(config.data_dir)
-        train_split = _Split(tf.data.Dataset.from_tensor_slices(train),
-                             len(train))
-        eval_split = _Split(tf.data.Dataset.from_tensor_slices(test),
+        test_split = _Split(tf.data.Dataset.from_tensor_slices(test),
                             len(test))
+        if fraction:
+            train_split, validation = _array_splits(train, fraction)
+        else:
+            train_split = _Split(tf.data.Dataset.from_tensor_slices(train),
+                                 len(train))
+            validation = _Split(None, 0)
     elif config.dataset == datasets.IMAGE_FOLDER:
         if config.data_dir is None:
             raise ConfigError("data_dir", "None is invalid: expected the "
@@ -747,23 +848,28 @@ def make_datasets(
         if config.image_check == "scan":
             _scan_image_folder(config.data_dir, paths, config.image_channels)
         every = IMAGE_FOLDER_EVAL_EVERY
+        train_paths = [p for i, p in enumerate(paths) if i % every]
+        mask = validation_mask(len(train_paths), validation_size(
+            len(train_paths), fraction))
         train_split = _image_folder_split(
-            config, [p for i, p in enumerate(paths) if i % every])
-        eval_split = _image_folder_split(config, paths[::every])
+            config, [p for p, held in zip(train_paths, mask) if not held])
+        validation = _image_folder_split(
+            config, [p for p, held in zip(train_paths, mask) if held])
+        test_split = _image_folder_split(config, paths[::every])
     else:
-        source = datasets.DATASETS[config.dataset]
-        train_split = _tfds_split(config, source.train_split, True,
-                                  seeds.files)
-        eval_split = _tfds_split(config, source.eval_split, False, seeds.files)
+        train_split, validation, test_split = _tfds_splits(config, seeds)
     if train_split.num_examples < config.batch_size:
         raise ConfigError(
             "batch_size", f"{config.batch_size} is too large: "
             f"{config.dataset} has only {train_split.num_examples} training "
             "examples, and incomplete training batches are dropped; use a "
             f"batch size <= {train_split.num_examples}.")
+    evaluation = validation if eval_split == VALIDATION_SPLIT else test_split
     info = DataInfo(
-        num_train=train_split.num_examples, num_eval=eval_split.num_examples,
+        num_train=train_split.num_examples,
+        num_eval=test_split.num_examples,
         image_shape=config.image_shape,
-        steps_per_epoch=train_split.num_examples // config.batch_size)
+        steps_per_epoch=train_split.num_examples // config.batch_size,
+        num_validation=validation.num_examples)
     return (_batches(train_split, config, training=True, seeds=seeds),
-            _batches(eval_split, config, training=False, seeds=seeds), info)
+            _batches(evaluation, config, training=False, seeds=seeds), info)

@@ -88,6 +88,12 @@ class ExperimentConfig:
                     f"{getattr(self.data, name)!r} differs from the model's "
                     f"{getattr(implied, name)!r}; build the data section "
                     "with DataConfig.from_model_config.")
+        if not self.train.final_test_eval and \
+                not self.data.validation_fraction:
+            raise ConfigError(
+                "train.final_test_eval",
+                "False needs a validation split (validation_fraction > 0)"
+                ": without one, every evaluation is of the test split.")
         if self.run is not None and \
                 self.objective.total_steps != self.run.total_steps:
             raise ConfigError(

@@ -273,6 +273,14 @@ class NVAE(CheckpointableCollections, keras.Model):
         return [layer for layer in self._flatten_layers(include_self=False)
                 if isinstance(layer, BatchNorm)]
 
+    def num_parameters(self) -> int:
+        """Trainable parameters: the count the official code reports (its
+        `count_parameters_in_M` sums `named_parameters()`), without the BN
+        moving statistics and power-iteration vectors that Keras'
+        `count_params()` adds. Every nvae_tf report uses this count."""
+        return sum(int(v.shape.num_elements())
+                   for v in self.trainable_variables)
+
     def spectral_regularization(self, update_state=True):
         """Sum of the largest singular values of all effective conv kernels.
 

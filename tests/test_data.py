@@ -1,5 +1,6 @@
 """Tests of nvae_tf.data: sources, preprocessing and determinism."""
 
+import dataclasses
 import gzip
 import os
 import time
@@ -533,3 +534,104 @@ def test_agrees_with_model_config():
     data_config = data.DataConfig.from_model_config(
         folder, batch_size=2, data_dir="/images")
     assert data_config.image_shape == folder.data_shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------ validation split
+def test_validation_mask_picks_exactly_v_spread_evenly():
+    mask = data.validation_mask(10, 3)
+    np.testing.assert_array_equal(np.flatnonzero(mask), [3, 6, 9])
+    for n, v in ((40, 4), (60000, 5000), (37, 1), (7, 7), (5, 0)):
+        assert data.validation_mask(n, v).sum() == v
+    assert data.validation_size(40, 0.1) == 4
+    with pytest.raises(config_lib.ConfigError, match="rounds to no"):
+        data.validation_size(40, 0.001)
+
+
+def _levels(ds):
+    """Batches of a non-binary 8-bit pipeline -> uint8 images [N, 28, 28]."""
+    return np.concatenate([np.round(b * 255).astype(np.uint8)[..., 0]
+                           for b in ds.as_numpy_iterator()])
+
+
+def test_fashion_mnist_validation_is_carved_from_train(small_fashion_dir):
+    folder, train, test = small_fashion_dir
+    config = data.DataConfig("fashion_mnist", data_dir=str(folder),
+                             batch_size=4, validation_fraction=0.25)
+    train_ds, val_ds, info = data.make_datasets(config, seed=3,
+                                                eval_split="validation")
+    assert (info.num_train, info.num_validation, info.num_eval,
+            info.steps_per_epoch) == (30, 10, 16, 7)
+    held_out = data.validation_mask(40, 10)
+    np.testing.assert_array_equal(_levels(val_ds), train[held_out])
+    # The training pipeline never yields a validation image, whatever seed.
+    trained = _levels(train_ds)
+    assert len(trained) == 28  # 7 full batches of the 30 images
+    for image in trained:
+        assert any(np.array_equal(image, t) for t in train[~held_out])
+    # The same validation images for another seed; test is the test file.
+    _, val_other, _ = data.make_datasets(config, seed=11,
+                                         eval_split="validation")
+    np.testing.assert_array_equal(_levels(val_other), train[held_out])
+    _, test_ds, _ = data.make_datasets(config, seed=3)
+    np.testing.assert_array_equal(_levels(test_ds), test)
+
+
+def test_no_validation_fraction_keeps_the_training_split(small_fashion_dir):
+    folder, _, _ = small_fashion_dir
+    config = data.DataConfig("fashion_mnist", data_dir=str(folder),
+                             batch_size=4)
+    train_ds, _, info = data.make_datasets(config, seed=5)
+    assert (info.num_train, info.num_validation) == (40, 0)
+    carved = dataclasses.replace(config, validation_fraction=0.25)
+    assert data.make_datasets(carved, seed=5)[2].num_train == 30
+    again, _, _ = data.make_datasets(config, seed=5)
+    for a, b in zip(train_ds.as_numpy_iterator(), again.as_numpy_iterator()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(config_lib.ConfigError) as err:
+        data.make_datasets(config, eval_split="validation")
+    assert err.value.field == "validation_fraction"
+
+
+def test_image_folder_validation_files(image_folder):
+    config = data.DataConfig(dataset="image_folder",
+                             data_dir=str(image_folder), batch_size=4,
+                             image_size=8, image_channels=1,
+                             validation_fraction=0.2)
+    train_ds, val_ds, info = data.make_datasets(config,
+                                                eval_split="validation")
+    # 10 training files, 2 held out (training files 4 and 9), 2 test files.
+    assert (info.num_train, info.num_validation, info.num_eval) == (8, 2, 2)
+    assert sum(len(b) for b in train_ds.as_numpy_iterator()) == 8
+    assert _first(val_ds).shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, True, "0.1"])
+def test_validation_fraction_is_checked(fraction):
+    with pytest.raises(config_lib.ConfigError) as err:
+        data.DataConfig("fashion_mnist", validation_fraction=fraction)
+    assert err.value.field == "validation_fraction"
+
+
+@needs_tfds
+@pytest.mark.parametrize("dataset, train, held_out", [
+    ("cifar10", "train[:9]", "train[9:12]"),
+    ("celeba_256", "train[:9]", "train[9:12]")])
+def test_tfds_validation_reads_the_tail_of_the_training_split(
+        monkeypatch, dataset, train, held_out):
+    """TFDS reads the carved splits by slicing (mock data ignore slices, so
+    the split names are what is checked)."""
+    read = []
+    load = tfds.load
+
+    def spy(name, split, **kwargs):
+        read.append(split)
+        return load(name, split=split, **kwargs)
+
+    monkeypatch.setattr(tfds, "load", spy)
+    config = data.DataConfig(dataset=dataset, batch_size=3,
+                             validation_fraction=0.25)
+    with tfds.testing.mock_data(num_examples=12):
+        _, val_ds, info = data.make_datasets(config, eval_split="validation")
+        assert _first(val_ds).shape[0] == 3
+    assert (info.num_train, info.num_validation) == (9, 3)
+    assert {train, held_out} <= set(read)

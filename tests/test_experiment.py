@@ -50,7 +50,8 @@ def test_json_round_trip_of_a_resolved_experiment():
     assert sections["version"] == 2
     assert sections["data"] == {"batch_size": 8, "data_dir": "/data",
                                 "image_check": "scan", "random_flip": False,
-                                "shuffle_buffer": 10000}
+                                "shuffle_buffer": 10000,
+                                "validation_fraction": 0.0}
     assert restored.data.dataset == "cifar10"  # from the model
     assert ExperimentConfig.from_json(_experiment().to_json()).run is None
 

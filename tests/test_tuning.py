@@ -44,11 +44,17 @@ def _write_space(tmp_path, space):
 
 
 def _search(args, env=None, cwd=ROOT):
+    pythonpath = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     process = subprocess.run(
         [sys.executable, "-m", "tuning.search", *args], cwd=cwd,
         capture_output=True, text=True, timeout=TIMEOUT,
-        env={**os.environ, **(env or {})})
+        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
     return process
+
+
+def _history(model_dir):
+    with open(os.path.join(model_dir, "eval_history.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def _rows(project_dir):
@@ -87,7 +93,10 @@ def test_search_reports_the_best_trial_and_its_flagfile_trains(
          "best.cfg", f"--model_dir={tmp_path}/best_run"], cwd=ROOT,
         capture_output=True, text=True, timeout=TIMEOUT)
     assert train.returncode == 0, train.stderr[-3000:]
-    assert os.path.exists(tmp_path / "best_run" / "eval_history.jsonl")
+    # The final run: validation every epoch, the test split once, last.
+    splits = [h["split"] for h in _history(tmp_path / "best_run")]
+    assert splits[-1] == "test" and splits.count("test") == 1
+    assert set(splits[:-1]) == {"validation"}
 
     # Rerunning with a larger budget resumes: old trials are not redone.
     stamps = {r["trial"]: os.path.getmtime(
@@ -101,6 +110,49 @@ def test_search_reports_the_best_trial_and_its_flagfile_trains(
     for trial, stamp in stamps.items():
         assert os.path.getmtime(project / f"trial_{trial}" /
                                 "trial_info.json") == stamp
+
+
+def test_trials_are_scored_on_validation_and_never_read_the_test_split(
+        tmp_path, image_dir):
+    """Acceptance: the objective is the validation split's, the trials write
+    no test evaluation and export nothing (not even into the caller's
+    ./saved_models); best.cfg keeps the validation split and drops the
+    trial-only flags, so its run evaluates the test split at the end."""
+    space = _write_space(tmp_path, {"num_channels_enc": [4]})
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    flags = [f for f in _base_flags(image_dir) if f != "--noexport"]
+    process = _search(flags + [
+        "--tuner=random", "--max_trials=1", f"--directory={tmp_path}",
+        "--project_name=p", f"--search_space={space}",
+        "--max_eval_images=3"], cwd=str(caller))
+    assert process.returncode == 0, process.stderr[-3000:]
+    project = tmp_path / "p"
+    (row,) = _rows(project)
+    assert row["status"] == "completed"
+    trial_dir = project / f"trial_{row['trial']}"
+    history = _history(trial_dir)
+    assert history and {h["split"] for h in history} == {"validation"}
+    assert all(h["num_images"] == 3 for h in history)  # --max_eval_images
+    # 36 training images: 0.1 (the search's default) holds 4 out.
+    config = json.loads((trial_dir / "config.json").read_text())
+    assert config["data"]["validation_fraction"] == 0.1
+    assert config["run"]["num_validation"] == 4
+    assert config["run"]["num_train"] == 32
+    assert row["objective"] == history[-1]["bpd"]
+    assert not (caller / "saved_models").exists()
+    assert not any("saved_models" in dirs for _, dirs, _ in
+                   os.walk(tmp_path))
+    cfg = (project / "best.cfg").read_text()
+    assert "--validation_fraction=0.1" in cfg
+    assert "final_test_eval" not in cfg and "--noexport" not in cfg
+
+    from tuning import tuner as tuner_lib
+    assert tuner_lib.read_validation_score(str(trial_dir)) == history[-1]
+    with open(trial_dir / "eval_history.jsonl", "a") as f:
+        f.write(json.dumps({**history[-1], "split": "test", "step": 99,
+                            "bpd": -1.0}) + "\n")
+    assert tuner_lib.read_validation_score(str(trial_dir)) == history[-1]
 
 
 def test_parameter_budget_rejects_before_training(tmp_path, image_dir):

@@ -5,7 +5,9 @@
         --project_name=fashion --max_params=2000000 [--max_steps=2000 ...]
 
 Every trainer flag given here (flagfile or command line) applies to every
-trial; the search space (tuning/space.py, or --search_space=space.json)
+trial; trials are scored on the validation split, `--validation_fraction`
+of the training split (DEFAULT_VALIDATION_FRACTION when not given), and
+never read the test split. The search space (tuning/space.py, or --search_space=space.json)
 replaces the architecture fields. Rerunning the same command resumes the
 search (keras-tuner keeps its oracle state in --directory). For a
 distributed search start one chief and any number of workers with
@@ -32,6 +34,9 @@ from tuning import tuner as tuner_lib
 
 FLAGS = flags.FLAGS
 TUNERS = ("random", "bayesian", "hyperband")
+# Validation share of the training split when the search is not given one:
+# trials must be scored on data that is neither trained on nor the test set.
+DEFAULT_VALIDATION_FRACTION = 0.1
 # Trainer flags that are per run, not part of a trial's configuration.
 _PER_RUN_FLAGS = ("model_dir", "root", "save", "flagfile", "cont_training")
 
@@ -138,6 +143,12 @@ def main(argv):
     except ValueError as err:
         raise app.UsageError(str(err)) from err
     trainer_lines = trainer_flag_lines(FLAGS)
+    if not FLAGS.validation_fraction:
+        logging.info("Trials are scored on a validation split of "
+                     "--validation_fraction=%g of the training split.",
+                     DEFAULT_VALIDATION_FRACTION)
+        trainer_lines.append(
+            f"--validation_fraction={DEFAULT_VALIDATION_FRACTION}")
     tuner = tuner_lib.NVAETuner(
         make_oracle(tuner_lib.objective_for(base_config), FLAGS),
         tuner_lib.NVAEHyperModel(base_config, space),

@@ -3,7 +3,11 @@
 Every trial trains with `python -m nvae_tf.train` in a child process (the
 same code path as a normal run: strategy, optimizer, schedules, NaN
 recovery, checkpoints, TensorBoard), with the search's trainer flags plus the
-trial's architecture, and is scored by the trainer's final test evaluation.
+trial's architecture, and is scored by the trainer's last evaluation of the
+validation split. A trial never reads the test split
+(`--nofinal_test_eval`), so the test figures of the chosen model are not
+biased by the choice. Trials export nothing unless the search is given
+`--export`; then they export under their own trial directory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import keras_tuner as kt
 from absl import logging
 
 from nvae_tf.config import NVAEConfig
+from nvae_tf.data import VALIDATION_SPLIT
 from nvae_tf.training.log import EVAL_HISTORY_FILE
 from tuning import space as space_lib
 
@@ -30,10 +35,6 @@ def objective_for(config: NVAEConfig) -> kt.Objective:
     if config.is_binary:
         return kt.Objective("val_nelbo", direction="min")
     return kt.Objective("val_bpd", direction="min")
-
-
-def count_parameters(model) -> int:
-    return int(sum(v.numpy().size for v in model.trainable_variables))
 
 
 class NVAEHyperModel(kt.HyperModel):
@@ -86,13 +87,21 @@ class NVAETuner(kt.Tuner):
         extra = space_lib.training_flags(config, self.hypermodel.space)
         if "tuner/epochs" in hp.values:  # Hyperband's budget for this trial
             extra.append(f"--epochs={hp.values['tuner/epochs']}")
+        # The test split stays unread; exports stay inside the search.
+        extra.append("--nofinal_test_eval")
+        if "--export" in self.trainer_flags:
+            if not any(line.startswith("--export_dir_base=")
+                       for line in self.trainer_flags):
+                extra.append("--export_dir_base=" + os.path.join(
+                    self.trial_dir(trial.trial_id), "saved_models"))
+        else:
+            extra.append("--noexport")
         return self.trainer_flags + extra
 
     def run_trial(self, trial, *args, **kwargs):
         start = time.time()
         config = self.hypermodel.config(trial.hyperparameters)
-        params = count_parameters(self.hypermodel.build(
-            trial.hyperparameters))
+        params = self.hypermodel.build(trial.hyperparameters).num_parameters()
         info = {"trial_id": trial.trial_id, "params": params,
                 "hyperparameters": dict(trial.hyperparameters.values)}
         model_dir = self.trial_dir(trial.trial_id)
@@ -118,7 +127,7 @@ class NVAETuner(kt.Tuner):
             raise kt.errors.FailedTrialError(
                 f"trial {trial.trial_id}: the trainer exited with code "
                 f"{process.returncode}:\n{tail}")
-        result = read_final_evaluation(model_dir)
+        result = read_validation_score(model_dir)
         metrics = {"val_nelbo": result["nelbo"], "val_bpd": result["bpd"]}
         self._write_info(model_dir, {**info, "status": "completed",
                                      "seconds": seconds, **metrics})
@@ -137,15 +146,20 @@ class NVAETuner(kt.Tuner):
         return checkpoints.load_model_dir(self.trial_dir(trial.trial_id))
 
 
-def read_final_evaluation(model_dir) -> dict:
-    """The last test evaluation the trainer recorded in `model_dir`."""
+def read_validation_score(model_dir) -> dict:
+    """The last validation-split evaluation the trainer recorded in
+    `model_dir` (test-split records are never read)."""
     path = os.path.join(model_dir, EVAL_HISTORY_FILE)
-    if not os.path.exists(path):
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    validation = [r for r in records if r.get("split") == VALIDATION_SPLIT]
+    if not validation:
         raise kt.errors.FailedTrialError(
-            f"{path} is missing: the trainer finished without evaluating.")
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1])
+            f"{path} holds no validation evaluation: the trainer finished "
+            "without one (is --validation_fraction > 0?).")
+    return max(validation, key=lambda r: r["step"])
 
 
 def results_table(tuner: NVAETuner) -> list[dict]:

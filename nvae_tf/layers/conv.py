@@ -13,7 +13,6 @@ code). Padding is symmetric as in PyTorch.
 import math
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from nvae_tf.layers.norm import BatchNorm

@@ -9,7 +9,9 @@
     python -m nvae_tf.evaluate --model_dir=DIR --mode=interpolate
 
 Long loops show a progress bar; the last line on stdout is a JSON object
-with the results. On a CPU, `nll` and `sample` cut every batch into one part
+with the results (`nll` also writes it to MODEL_DIR/eval/nll.json). The
+data modes read the test split, or the validation split with
+`--split=validation`. On a CPU, `nll` and `sample` cut every batch into one part
 per core (`--inference_shards`, `nvae_tf.fast.inference_shards`): the same
 numbers, faster than TensorFlow's default threading (docs/performance.md).
 Both trace
@@ -71,6 +73,7 @@ from nvae_tf.objectives import bits_per_dim
 SHARDED_MODES = ("nll", "sample")
 
 MODES = ("nll", "sample", "reconstruct", "interpolate")
+NLL_FILE = "nll.json"  # `nll` results, in MODEL_DIR/eval/
 
 
 # ------------------------------------------------------------------ metrics
@@ -261,7 +264,14 @@ def define_flags():
                          "(the data section's default for a converted "
                          "official checkpoint).",
                          lower_bound=0)
-    flags.DEFINE_integer("seed", 1, "Seed of every random draw.")
+    flags.DEFINE_integer("seed", bn_readjust.READJUST_SEED,
+                         "Seed of every random draw (the default is "
+                         "`export`'s, so --readjust_bn statistics cached by "
+                         "one command are reused by the other).")
+    flags.DEFINE_enum("split", data.TEST_SPLIT, list(data.EVAL_SPLITS),
+                      "nll/reconstruct/interpolate: the split to read; "
+                      "validation needs the model directory's "
+                      "validation_fraction > 0.")
     flags.DEFINE_integer("num_iw_samples", 1000,
                          "nll: importance samples per image (official 1000).",
                          lower_bound=1)
@@ -318,20 +328,34 @@ def define_flags():
 
 
 def _eval_dataset(experiment):
-    """The evaluation split of the model directory's data section, with
+    """The --split of the model directory's data section, with
     --batch_size, --data_dir and --image_check if given."""
     data_config = experiment.data
+    if FLAGS.split != data.TEST_SPLIT and \
+            not data_config.validation_fraction:
+        raise cli_lib.UserError(
+            f"--split={FLAGS.split}: {FLAGS.model_dir} was trained without "
+            "a validation split (validation_fraction 0); use --split=test.")
     try:
         data_config = dataclasses.replace(
             data_config, batch_size=FLAGS.batch_size or data_config.batch_size,
             data_dir=FLAGS.data_dir or data_config.data_dir,
             image_check=FLAGS.image_check or data_config.image_check)
-        _, eval_ds, info = data.make_datasets(data_config, seed=FLAGS.seed)
+        _, eval_ds, info = data.make_datasets(data_config, seed=FLAGS.seed,
+                                              eval_split=FLAGS.split)
     except ConfigError as err:
         raise cli_lib.UserError(
             f"{err} (the data settings come from --data_dir, --batch_size "
             f"and {FLAGS.model_dir}/config.json)") from err
     return eval_ds, info
+
+
+def write_json(path: str, result: dict) -> str:
+    """Writes `result` (with `output`: `path`) as JSON; returns `path`."""
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps({**result, "output": path}, indent=2) + "\n")
+    return path
 
 
 def _output(default_name):
@@ -346,10 +370,12 @@ def run_nll(loaded):
     result = importance_weighted_nll(
         model, eval_ds, FLAGS.num_iw_samples, FLAGS.iw_samples_per_pass,
         max_images=FLAGS.max_images or None, seed=FLAGS.seed,
-        total_images=info.num_eval, shards=FLAGS.inference_shards,
+        total_images=(info.num_validation if FLAGS.split != data.TEST_SPLIT
+                      else info.num_eval), shards=FLAGS.inference_shards,
         constant_weights=FLAGS.constant_weights)
-    return {**result, **likelihood_report(result["nll_nats"],
-                                          result["nelbo_nats"], model.config)}
+    return {"split": FLAGS.split, **result,
+            **likelihood_report(result["nll_nats"], result["nelbo_nats"],
+                                model.config)}
 
 
 def run_sample(loaded):
@@ -433,6 +459,9 @@ def main(argv):
         logging.warning("%d image file(s) could not be decoded and were left "
                         "out (remove or fix them): %s", len(skipped),
                         ", ".join(skipped))
+    if FLAGS.mode == "nll":  # the figures stay with the model
+        result["output"] = write_json(
+            os.path.join(FLAGS.model_dir, "eval", NLL_FILE), result)
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 

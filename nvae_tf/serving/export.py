@@ -245,6 +245,7 @@ def export_saved_model(model, export_dir: str,
                        checkpoint_id: str | None = None,
                        bn_passes: int = bn_readjust.READJUST_PASSES,
                        bn_batch_size: int = bn_readjust.READJUST_BATCH_SIZE,
+                       bn_seed: int = bn_readjust.READJUST_SEED,
                        max_samples: int = MAX_SAMPLES,
                        overwrite: bool = False,
                        inference_shards: int = 1,
@@ -262,6 +263,8 @@ def export_saved_model(model, export_dir: str,
       model_dir: the model directory (for the BN cache and the metadata).
       checkpoint_id: the checkpoint the weights come from (metadata).
       bn_passes, bn_batch_size: the re-estimation (official 500, 16).
+      bn_seed: seed of the re-estimation's sampling passes; the default is
+        `evaluate --readjust_bn`'s, so both reuse one cached file.
       max_samples: largest `num_samples` the `sample` signature accepts.
       overwrite: replace an existing `export_dir`.
       inference_shards: `sample` and `log_likelihood` cut a request's batch
@@ -306,7 +309,7 @@ def export_saved_model(model, export_dir: str,
             result = bn_readjust.readjusted_statistics(
                 model, temperature, model_dir=model_dir,
                 checkpoint_id=checkpoint_id, num_passes=bn_passes,
-                batch_size=bn_batch_size)
+                batch_size=bn_batch_size, seed=bn_seed)
             with bn_readjust.traced_with_statistics(
                     model, result.statistics) as variables:
                 function = _traced(fn, specs[name])
@@ -375,6 +378,10 @@ def define_flags():
                          "Sampling passes of the BN re-estimation.")
     flags.DEFINE_integer("bn_batch_size", bn_readjust.READJUST_BATCH_SIZE,
                          "Batch size of the BN re-estimation.")
+    flags.DEFINE_integer("seed", bn_readjust.READJUST_SEED,
+                         "Seed of the BN re-estimation's sampling passes; "
+                         "the default is `evaluate`'s --seed default, so "
+                         "both commands reuse one cached file.")
     flags.DEFINE_integer("max_samples", MAX_SAMPLES,
                          "Largest num_samples a `sample` request may ask.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing export_dir.")
@@ -406,7 +413,8 @@ def main(argv):
         loaded.model, FLAGS.export_dir, temperature=FLAGS.temperature,
         readjust_bn=FLAGS.readjust_bn, model_dir=FLAGS.model_dir,
         checkpoint_id=loaded.checkpoint_id, bn_passes=FLAGS.bn_passes,
-        bn_batch_size=FLAGS.bn_batch_size, max_samples=FLAGS.max_samples,
+        bn_batch_size=FLAGS.bn_batch_size, bn_seed=FLAGS.seed,
+        max_samples=FLAGS.max_samples,
         overwrite=FLAGS.overwrite,
         inference_shards=FLAGS.inference_shards,
         constant_weights=FLAGS.constant_weights)

@@ -64,8 +64,15 @@ class TrainConfig:
       keep_checkpoints: most recent checkpoints kept on disk.
       summary_every_steps: TensorBoard scalars and images every this many
         steps.
-      eval_every_epochs: test-split NELBO every this many epochs; 0 uses
-        the official cadence (1 if epochs <= 50, else 20). Always at the end.
+      eval_every_epochs: NELBO of the validation split (of the test split
+        when there is none, as the official code) every this many epochs; 0
+        uses the official cadence (1 if epochs <= 50, else 20). Always at
+        the end.
+      max_eval_images: evaluate at most this many images of a split (the
+        first ones, in stored order); 0: all. For cheap tuning trials.
+      final_test_eval: evaluate the test split once, after the last step.
+        False never touches the test split (tuning trials); it needs a
+        validation split.
       num_summary_images: samples per temperature and reconstructions in
         the TensorBoard image summaries.
       nan_patience: consecutive non-finite steps (skipped) after which the
@@ -96,6 +103,8 @@ class TrainConfig:
     keep_checkpoints: int = 5
     summary_every_steps: int = 100
     eval_every_epochs: int = 0
+    max_eval_images: int = 0
+    final_test_eval: bool = True
     num_summary_images: int = 16
     nan_patience: int = 10
     nan_lr_factor: float = 0.5
@@ -116,6 +125,7 @@ class TrainConfig:
                           ("keep_checkpoints", 1),
                           ("summary_every_steps", 1),
                           ("eval_every_epochs", 0),
+                          ("max_eval_images", 0),
                           ("num_summary_images", 1), ("nan_patience", 1),
                           ("max_nan_recoveries", 0),
                           ("debug_inject_nan_at_step", -1)):
@@ -135,6 +145,8 @@ class TrainConfig:
         if self.warmup_epochs >= self.epochs and self.max_steps == 0:
             fail("warmup_epochs", f"< epochs ({self.epochs}); the "
                  "official schedule needs at least one epoch after warm-up")
+        if not isinstance(self.final_test_eval, bool):
+            fail("final_test_eval", "True or False")
         if not 0.0 < self.nan_lr_factor < 1.0:
             fail("nan_lr_factor", "a factor in (0, 1)")
         if "/" in self.export_name:
@@ -162,8 +174,9 @@ class RunLength:
       total_steps: steps of the whole run (drives the KL warm-up and the
         lambda anneal).
       schedule_epochs: epochs of the LR cosine.
-      num_train / num_eval: examples of the training / evaluation split.
+      num_train / num_eval: examples of the training / test split.
       replicas: replicas of the strategy that trains.
+      num_validation: examples of the validation split (0: none).
     """
 
     batches_per_pass: int
@@ -173,6 +186,7 @@ class RunLength:
     num_train: int = 0
     num_eval: int = 0
     replicas: int = 1
+    num_validation: int = 0
 
     @classmethod
     def resolve(cls, train: TrainConfig, batches_per_pass: int,
@@ -189,6 +203,16 @@ class RunLength:
     @property
     def num_epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def schedule(self) -> dict[str, int]:
+        """The counts the LR and KL schedules are computed from."""
+        return {name: getattr(self, name) for name in SCHEDULE_FIELDS}
+
+
+# RunLength fields that shape the LR cosine and the KL warm-up, and the
+# TrainConfig fields (flags) that set them.
+SCHEDULE_FIELDS = ("steps_per_epoch", "total_steps", "schedule_epochs")
+RUN_LENGTH_FLAGS = ("epochs", "max_steps", "steps_per_epoch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +248,12 @@ class RuntimeConfig:
         (each residual cell) or `groups` (the cells of each latent group
         as one segment). Same loss and gradients; less memory, more time
         (docs: BUILD.md "Memory per image").
+      extend_run: resume although the run length (epochs, max_steps,
+        steps_per_epoch, or the batches per pass) differs from the saved
+        one, e.g. to extend a finished run. The LR cosine and the KL
+        warm-up are then those of the new length, at the resumed step.
+        Without it such a resume is refused: the schedules would silently
+        jump.
     """
 
     model_dir: str = "/tmp/nasvae/expr/eval-exp"
@@ -235,6 +265,7 @@ class RuntimeConfig:
     grappler: str = "auto"
     require_checkpoint: bool = False
     remat: str = "none"
+    extend_run: bool = False
 
     def __post_init__(self):
         def fail(field, expected):
@@ -247,7 +278,8 @@ class RuntimeConfig:
                               ("grappler", GRAPPLER_CHOICES)):
             if getattr(self, name) not in choices:
                 fail(name, f"one of {', '.join(choices)}")
-        for name in ("jit_compile", "sync_batchnorm", "require_checkpoint"):
+        for name in ("jit_compile", "sync_batchnorm", "require_checkpoint",
+                     "extend_run"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if not isinstance(self.num_cpu_devices, int) or \

@@ -137,6 +137,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_bool("cont_training", False,
                   "Require a checkpoint to resume (rerunning a command on "
                   "the same --model_dir resumes anyway).", **fv)
+    f.DEFINE_bool("extend_run", False,
+                  "Resume although --epochs, --max_steps or "
+                  "--steps_per_epoch (or the batches per pass) differ from "
+                  "the saved run, e.g. to extend a finished run; the LR and "
+                  "KL schedules become those of the new length at the "
+                  "resumed step. Without it such a resume is refused.", **fv)
     for name, default in _OFFICIAL_LAUNCH_DEFAULTS.items():
         f.DEFINE_integer(name, default,
                          "Official launcher flag; only the default is "
@@ -171,6 +177,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                   "every file before training and stops naming the bad "
                   "ones; skip trains without them, naming each in a warning "
                   "and counting them at the end.", **fv)
+    f.DEFINE_float("validation_fraction", 0.0,
+                   "Share of the training split held out as a validation "
+                   "split (the same images for every seed): evaluated every "
+                   "epoch instead of the test split, and what tuning trials "
+                   "are scored on. 0: none.", **fv)
     f.DEFINE_integer("shuffle_buffer", 10000,
                      "Examples in the training shuffle buffer.", **fv)
     f.DEFINE_bool("sync_batchnorm", True,
@@ -212,8 +223,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_integer("summary_every_steps", 100,
                      "TensorBoard scalars and images every N steps.", **fv)
     f.DEFINE_integer("eval_every_epochs", 0,
-                     "Test-split NELBO every N epochs; 0: official cadence "
-                     "(1 if --epochs <= 50, else 20).", **fv)
+                     "Validation-split NELBO (test split without "
+                     "--validation_fraction) every N epochs; 0: official "
+                     "cadence (1 if --epochs <= 50, else 20).", **fv)
+    f.DEFINE_integer("max_eval_images", 0,
+                     "Evaluate at most this many images of a split (0: "
+                     "all); for cheap tuning trials.", **fv)
+    f.DEFINE_bool("final_test_eval", True,
+                  "Evaluate the test split after the last step; "
+                  "--nofinal_test_eval never reads it (needs "
+                  "--validation_fraction).", **fv)
     f.DEFINE_integer("num_summary_images", 16,
                      "Images per TensorBoard sample/reconstruction grid.",
                      **fv)
@@ -343,11 +362,13 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
             strategy=fv.strategy, mixed_precision=fv.mixed_precision,
             jit_compile=fv.jit_compile, num_cpu_devices=fv.num_cpu_devices,
             sync_batchnorm=fv.sync_batchnorm, grappler=fv.grappler,
-            require_checkpoint=fv.cont_training, remat=fv.remat))
+            require_checkpoint=fv.cont_training, remat=fv.remat,
+            extend_run=fv.extend_run))
         return ExperimentConfig.for_model(
             model, objective=objective, train=train, runtime=runtime,
             data=dict(data_dir=fv.data_dir, batch_size=fv.batch_size,
                       shuffle_buffer=fv.shuffle_buffer,
+                      validation_fraction=fv.validation_fraction,
                       random_flip=_TRISTATE_VALUES[fv.random_flip],
                       image_check=fv.image_check))
     except ConfigError as err:

@@ -13,10 +13,11 @@
   loss, NELBO, reconstruction, KL, bits/dim, active latent units, gradient
   norm, regularisers; the current learning rate, KL coefficient, skipped
   steps, loss scale; KL and balancing coefficient per group) and images:
-  samples at t = 0.7 and 1.0 from fixed noise, and fixed test images next to
-  their reconstructions;
-- records every evaluation in MODEL_DIR/eval (TensorBoard) and
-  MODEL_DIR/eval_history.jsonl (one JSON object per line).
+  samples at t = 0.7 and 1.0 from fixed noise, and fixed images of the
+  watched split (validation, else test) next to their reconstructions;
+- records every evaluation in MODEL_DIR/eval (TensorBoard: `nelbo`, `bpd`,
+  ... for the test split, `val/nelbo`, ... for the validation split) and
+  MODEL_DIR/eval_history.jsonl (one JSON object per line, its `split` named).
 
 Only the chief writes; the other workers only keep the running sums.
 """
@@ -36,6 +37,7 @@ from nvae_tf.serving import images as images_lib
 from nvae_tf.serving import inference
 
 EVAL_HISTORY_FILE = "eval_history.jsonl"
+VALIDATION_TAG_PREFIX = "val/"  # TensorBoard tags of validation evaluations
 # Stream ids folded into the run seed for the fixed-noise sample grids.
 SAMPLE_NOISE_STREAMS = {0.7: 2, 1.0: 3}
 PROGRESS_REDRAW_SECONDS = 0.1  # terminal progress line refresh
@@ -157,8 +159,8 @@ class TrainLog:
       length: the run's `RunLength`.
       model_dir: where to write.
       is_chief: whether this worker writes.
-      fixed_images: callable returning the test images [N, H, W, C] shown
-        with their reconstructions (called once, at the first summary).
+      fixed_images: callable returning the images [N, H, W, C] shown with
+        their reconstructions (called once, at the first summary).
       nan_recoveries: the trainer's NaN-recovery counter (a variable, read
         only when summaries are written).
     """
@@ -263,20 +265,22 @@ class TrainLog:
 
     # ---------------------------------------------------------- evaluation
     def record_eval(self, step: int, result: dict) -> None:
-        """Logs an evaluation; the chief also writes TensorBoard and the
-        JSON-lines history."""
+        """Logs an evaluation (`result["split"]`: `test` or `validation`);
+        the chief also writes TensorBoard and the JSON-lines history."""
         epoch = step / self.length.steps_per_epoch
-        logging.info("Evaluation at step %d (epoch %.2f): test NELBO %.3f "
+        split = result["split"]
+        logging.info("Evaluation at step %d (epoch %.2f): %s NELBO %.3f "
                      "nats, %.4f bits/dim (recon %.3f, KL %.3f; %d images, "
-                     "%.1f s).", step, epoch, result["nelbo"], result["bpd"],
-                     result["recon"], result["kl"], result["num_images"],
-                     result["seconds"])
+                     "%.1f s).", step, epoch, split, result["nelbo"],
+                     result["bpd"], result["recon"], result["kl"],
+                     result["num_images"], result["seconds"])
         self.last_eval = (step, result)
         if not self.is_chief:
             return
+        prefix = VALIDATION_TAG_PREFIX if split == "validation" else ""
         with self._writer("eval").as_default(step=step):
             for name in ("nelbo", "recon", "kl", "bpd"):
-                tf.summary.scalar(name, result[name])
+                tf.summary.scalar(prefix + name, result[name])
         self._writer("eval").flush()
         with tf.io.gfile.GFile(os.path.join(
                 self.model_dir, EVAL_HISTORY_FILE), "a") as f:

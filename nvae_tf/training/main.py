@@ -7,14 +7,15 @@ Parses and validates the flags (`nvae_tf.training.flags`) into an
 resolves the run length, checks the config against MODEL_DIR/config.json
 when resuming and saves it there (once, when new or changed), trains with
 `nvae_tf.training.trainer.Trainer` (checkpoints, TensorBoard, NaN recovery),
-evaluates the test split and exports a SavedModel to
+evaluates (the validation split every epoch when there is one, the test
+split after the last step) and exports a SavedModel to
 saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
-resumes from the latest checkpoint. A bad flag, missing or corrupt data, a
-model directory that cannot be written or is in use by another trainer
-(`lock`) stops the command with one line on stderr (`nvae_tf.cli`).
-SIGTERM or SIGINT stops it after the current step with a checkpoint and
-exit status 143 or 130 (`preemption`). This file is intentionally kept
-short.
+resumes from the latest checkpoint (with the saved run length, unless
+`--extend_run`). A bad flag, missing or corrupt data, a model directory
+that cannot be written or is in use by another trainer (`lock`) stops the
+command with one line on stderr (`nvae_tf.cli`). SIGTERM or SIGINT stops
+it after the current step with a checkpoint and exit status 143 or 130
+(`preemption`). This file is intentionally kept short.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from nvae_tf.training import preemption
 from nvae_tf.training import trainer as trainer_lib
 from nvae_tf.config import ConfigError
 from nvae_tf.model import NVAE
+from nvae_tf.training.config import RUN_LENGTH_FLAGS
 
 FLAGS = flags.FLAGS
 
@@ -122,6 +124,39 @@ def check_resume_compatible(model_dir, experiment) -> None:
             "values (see its config.json).")
 
 
+def check_run_length(model_dir, experiment) -> None:
+    """Refuses to resume with another run length, unless `extend_run`.
+
+    The LR cosine and the KL warm-up are functions of the run length
+    (`RunLength.schedule()`); resuming a checkpoint with another length would
+    move them mid-run (e.g. a learning rate that has decayed to its minimum
+    jumps back up).
+
+    Raises:
+      FlagError: one line naming the run-length flags and their saved values.
+    """
+    if experiment.runtime.extend_run or \
+            checkpoints.latest_checkpoint(model_dir) is None or \
+            not os.path.exists(checkpoints.config_path(model_dir)):
+        return
+    saved = checkpoints.read_config(model_dir)
+    if saved.run is None or saved.run.schedule() == experiment.run.schedule():
+        return
+    changed = [f"--{name}={getattr(experiment.train, name)} (saved "
+               f"{getattr(saved.train, name)})" for name in RUN_LENGTH_FLAGS
+               if getattr(saved.train, name) != getattr(experiment.train,
+                                                        name)]
+    if not changed:  # same flags, another split size or batch size
+        changed = [f"{experiment.run.batches_per_pass} batches per pass "
+                   f"(saved {saved.run.batches_per_pass}; --batch_size or "
+                   "--validation_fraction changed)"]
+    raise nvae_flags.FlagError(
+        f"--model_dir={model_dir} was trained with another run length: "
+        f"{', '.join(changed)}; resuming would move the LR and KL schedules "
+        "mid-run. Rerun with the saved values, or pass --extend_run to "
+        "change the length on purpose.")
+
+
 def save_config(model_dir, experiment) -> bool:
     """Writes config.json unless it already holds `experiment` (a resume
     with the same settings leaves it as it is); returns whether it wrote."""
@@ -186,8 +221,10 @@ def build_trainer(experiment, strategy):
         raise nvae_flags.flag_error(err.within("data")) from err
     experiment = experiment.resolved(
         info.steps_per_epoch, num_train=info.num_train,
-        num_eval=info.num_eval, replicas=replicas)
+        num_eval=info.num_eval, num_validation=info.num_validation,
+        replicas=replicas)
     check_resume_compatible(experiment.runtime.model_dir, experiment)
+    check_run_length(experiment.runtime.model_dir, experiment)
     return trainer_lib.Trainer(experiment, strategy), info
 
 
@@ -225,7 +262,7 @@ def _train(trainer, info, stop):
                  info.num_train, experiment.run.total_steps,
                  experiment.data.batch_size, experiment.run.steps_per_epoch,
                  experiment.run.num_epochs,
-                 f"{trainer.model.count_params():,}")
+                 f"{trainer.model.num_parameters():,}")
     result = trainer.fit(stop)
     skipped = data_lib.skipped_image_files()
     if skipped:
@@ -236,9 +273,10 @@ def _train(trainer, info, stop):
             len(skipped), experiment.data.data_dir, ", ".join(skipped))
     if experiment.train.export and trainer.is_chief:
         result["export_dir"] = export_model(trainer, result["step"])
-    logging.info("Test NELBO %.3f nats, %.4f bits/dim (%s test split, %d "
+    logging.info("%s NELBO %.3f nats, %.4f bits/dim (%s %s split, %d "
                  "images, one posterior sample each, step %d).",
-                 result["nelbo"], result["bpd"], experiment.data.dataset,
+                 result["split"].capitalize(), result["nelbo"],
+                 result["bpd"], experiment.data.dataset, result["split"],
                  result["num_images"], result["step"])
     return result
 

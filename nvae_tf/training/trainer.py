@@ -12,6 +12,13 @@ the update does not depend on the number of replicas. A resumed run therefore
 repeats the uninterrupted one exactly. After `nan_patience` consecutive
 non-finite steps the last checkpoint is restored and the learning rate
 multiplied by `nan_lr_factor` (persisted as the schedule's `lr_scale`).
+
+Evaluations during the run (every `eval_every_epochs` epochs and after the
+last step) are of the validation split when the data section has one, so
+that choices made from them never see the test split; the test split is
+evaluated once, after the last step (`final_test_eval`). Without a
+validation split every evaluation is of the test split, as in the official
+code.
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ class Trainer:
         self.strategy = strategy
         self.length = length = experiment.run
         self.model_dir = runtime.model_dir
+        # The split watched during the run (see the module docstring).
+        self.monitor_split = (data_lib.VALIDATION_SPLIT
+                              if self.data_config.validation_fraction
+                              else data_lib.TEST_SPLIT)
         self.is_chief = bool(strategy.extended.should_checkpoint)
         self.num_replicas = strategy.num_replicas_in_sync
         self.step_options = step_lib.StepOptions.from_configs(train, runtime)
@@ -130,14 +141,19 @@ class Trainer:
             train_ds = train_ds.skip(offset)
         return iter(self.strategy.experimental_distribute_dataset(train_ds))
 
-    def _eval_dataset(self):
+    def _eval_dataset(self, split):
         # Rebuilt each time: the same images and binarisation every time.
-        return data_lib.make_datasets(self.data_config,
-                                      seed=self.train.seed)[1]
+        ds = data_lib.make_datasets(self.data_config, seed=self.train.seed,
+                                    eval_split=split)[1]
+        if self.train.max_eval_images:
+            ds = ds.unbatch().take(self.train.max_eval_images).batch(
+                self.data_config.batch_size)
+        return ds
 
     def _fixed_images(self):
-        """The first test images, shown with their reconstructions."""
-        ds = self._eval_dataset().unbatch().take(
+        """The first images of the watched split, shown with their
+        reconstructions."""
+        ds = self._eval_dataset(self.monitor_split).unbatch().take(
             self.train.num_summary_images)
         return np.stack(list(ds.as_numpy_iterator()))
 
@@ -167,11 +183,13 @@ class Trainer:
         return {name: self.strategy.experimental_local_results(value)[0]
                 for name, value in sums.items()}
 
-    def evaluate(self) -> dict:
-        """Mean test-split NELBO (one posterior sample per image, beta = 1)."""
+    def evaluate(self, split: str | None = None) -> dict:
+        """Mean NELBO of `split` (default: the watched split; one posterior
+        sample per image, beta = 1)."""
+        split = split or self.monitor_split
         start = time.time()
         iterator = iter(self.strategy.experimental_distribute_dataset(
-            self._eval_dataset()))
+            self._eval_dataset(split)))
         totals = {}
         batch_index = 0
         while True:
@@ -187,7 +205,8 @@ class Trainer:
         if not count:
             raise ValueError("The evaluation split yielded no images.")
         nelbo = totals["nelbo"] / count
-        return {"nelbo": nelbo, "recon": totals["recon"] / count,
+        return {"split": split, "nelbo": nelbo,
+                "recon": totals["recon"] / count,
                 "kl": totals["kl"] / count,
                 "bpd": float(bits_per_dim(nelbo,
                                           self.model_config.num_pixels)),
@@ -323,7 +342,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self, stop=None) -> dict:
-        """Trains to `total_steps` (resuming), evaluates, returns the result.
+        """Trains to `total_steps` (resuming), evaluates, returns the last
+        evaluation (the test split's, unless `final_test_eval` is off).
 
         Args:
           stop: a `preemption.StopRequest`; once it is requested (on any
@@ -367,6 +387,9 @@ class Trainer:
                      self.weights_fingerprint(), step)
         if self.log.last_eval is None or self.log.last_eval[0] != step:
             self.log.record_eval(step, self.evaluate())
+        if self.monitor_split != data_lib.TEST_SPLIT and \
+                train.final_test_eval:
+            self.log.record_eval(step, self.evaluate(data_lib.TEST_SPLIT))
         return {"step": step, **self.log.last_eval[1]}
 
     def weights_fingerprint(self) -> str:

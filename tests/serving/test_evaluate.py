@@ -286,3 +286,41 @@ def test_cli_modes(fashion_model_dir, tmp_path, mode):
     expected = {"reconstruct": (2 * 30 + 2, 3 * 30 + 2, 1),
                 "interpolate": (2 * 30 + 2, 5 * 30 + 2, 1)}[mode]
     assert png.shape == expected
+
+
+def test_evaluate_and_export_share_the_bn_cache_by_default(
+        fashion_model_dir, tmp_path):
+    """`evaluate --readjust_bn` and `export --readjust_bn` use the same
+    seed unless told otherwise, so the second reuses the first's file."""
+    passes = ("--readjust_bn", "--bn_passes=2", "--bn_batch_size=4",
+              "--temperature=0.6")
+    sampled = _cli("--model_dir", fashion_model_dir, "--mode=sample",
+                   "--num_samples=2", "--output", str(tmp_path / "s.png"),
+                   *passes)
+    assert sampled["bn_stats"].endswith("temperature_0.60.npz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_tf.export", "--model_dir",
+         fashion_model_dir, "--export_dir", str(tmp_path / "export" / "1"),
+         *passes], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["bn_statistics_from_cache"] is True
+    with open(sampled["bn_stats"], "rb") as f:
+        meta = json.loads(str(np.load(f)[bn_readjust.META_KEY]))
+    assert meta["seed"] == bn_readjust.READJUST_SEED
+
+
+def test_cli_nll_writes_its_json_into_the_model_dir(fashion_model_dir):
+    result = _cli("--model_dir", fashion_model_dir, "--mode=nll",
+                  "--num_iw_samples=2", "--max_images=4", "--batch_size=4")
+    path = os.path.join(fashion_model_dir, "eval", evaluate.NLL_FILE)
+    assert result["output"] == path and result["split"] == "test"
+    with open(path) as f:
+        assert json.load(f) == result
+    assert result["num_images"] == 4 and np.isfinite(result["nll_nats"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_tf.evaluate", "--model_dir",
+         fashion_model_dir, "--mode=nll", "--split=validation"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "trained without a validation split" in proc.stderr

@@ -109,8 +109,9 @@ def test_config_errors_name_the_flag_without_guessing():
 
 
 def test_remat_reaches_the_runtime_config():
-    *_, runtime = configs_from("--remat=groups")
-    assert runtime.remat == "groups"
+    experiment = configs_from("--remat=groups")
+    assert experiment.runtime.remat == "groups"
+    assert configs_from().runtime.remat == "none"
 
 
 def test_model_dir_defaults_to_root_and_save():

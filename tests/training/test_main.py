@@ -225,7 +225,7 @@ def _replica_loss_and_grads(tr):
     return float(loss), [g.numpy() for g in grads]
 
 
-def _tiny_configs(tmp_path):
+def _tiny_configs(tmp_path, *extra):
     """The configs of the tiny trainer flags on a fresh image folder."""
     from absl import flags
     from nvae_tf.training import flags as nvae_flags
@@ -233,7 +233,8 @@ def _tiny_configs(tmp_path):
     values = flags.FlagValues()
     nvae_flags.define_flags(values)
     values(["train", *train_helpers.TINY_FLAGS, f"--data_dir={data}",
-            f"--model_dir={tmp_path / 'run'}", "--strategy=one_device"])
+            f"--model_dir={tmp_path / 'run'}", "--strategy=one_device",
+            *extra])
     return nvae_flags.from_flags(values)
 
 
@@ -268,3 +269,37 @@ def test_lean_grappler_gives_the_trainer_the_same_loss_and_gradients(
     for variable, a, b in zip(tr.model.trainable_variables, lean_grads, grads):
         scale = max(float(np.abs(b).max()), 1e-12)
         assert float(np.abs(a - b).max()) <= 1e-6 * scale, variable.path
+
+
+def test_validation_split_is_evaluated_every_epoch_and_test_at_the_end(
+        tmp_path):
+    data = train_helpers.make_image_folder(str(tmp_path / "images"))
+    model_dir = str(tmp_path / "run")
+    proc = train_helpers.run_train(
+        *train_helpers.TINY_FLAGS, f"--data_dir={data}",
+        f"--model_dir={model_dir}", "--steps_per_epoch=3", "--max_steps=6",
+        "--validation_fraction=0.25", "--max_eval_images=3", "--noexport")
+    with open(os.path.join(model_dir, "eval_history.jsonl")) as f:
+        history = [(h["step"], h["split"], h["num_images"])
+                   for h in map(json.loads, f)]
+    # 36 training images: 9 held out (3 evaluated), 27 trained on; the 4
+    # test images once, after the last step (3 of them evaluated).
+    assert history == [(3, "validation", 3), (6, "validation", 3),
+                       (6, "test", 3)]
+    with open(os.path.join(model_dir, "config.json")) as f:
+        run = json.load(f)["run"]
+    assert (run["num_train"], run["num_validation"], run["num_eval"],
+            run["batches_per_pass"]) == (27, 9, 4, 6)
+    tags = _event_tags(os.path.join(model_dir, "eval"))
+    assert {"val/nelbo", "val/bpd", "nelbo", "bpd"} <= set(tags)
+    assert "Test NELBO" in proc.stderr.splitlines()[-1]
+
+
+def test_no_final_test_evaluation_needs_a_validation_split(tmp_path):
+    from nvae_tf.training import flags as nvae_flags
+    with pytest.raises(nvae_flags.FlagError,
+                       match="^--final_test_eval: False needs a validation"):
+        _tiny_configs(tmp_path, "--nofinal_test_eval")
+    experiment = _tiny_configs(tmp_path, "--nofinal_test_eval",
+                               "--validation_fraction=0.1")
+    assert not experiment.train.final_test_eval

@@ -25,7 +25,7 @@ GRADS = [np.array([0.1, -0.2, 0.0, 3.0], np.float32),
 
 
 def _numpy_adamax(theta, grads, lr, wd, beta_1=0.9, beta_2=0.999, eps=1e-3):
-    """Spec 6.1 (torch.optim.Adamax) in float64."""
+    """torch.optim.Adamax (the official optimiser) in float64."""
     theta = theta.astype(np.float64)
     m = np.zeros_like(theta)
     u = np.zeros_like(theta)
