@@ -25,6 +25,7 @@ from nvae_tf.layers.flows import PairedAutoregressiveFlow
 from nvae_tf.layers.norm import BatchNorm
 from nvae_tf.layers.remat import check_remat_mode, recompute
 from nvae_tf.layers.tracking import CheckpointableCollections
+from nvae_tf.training.fit import KerasTraining
 
 
 class NVAEOutput(NamedTuple):
@@ -71,8 +72,12 @@ def _static_batch_size(tensor):
 
 
 @keras.saving.register_keras_serializable(package="nvae_tf")
-class NVAE(CheckpointableCollections, keras.Model):
+class NVAE(CheckpointableCollections, KerasTraining, keras.Model):
     """NVAE built from an `NVAEConfig`.
+
+    `compile` + `fit` train with the recipe of `python -m nvae_tf.train`,
+    `evaluate` gives NELBO and bits/dim and `export` writes the serving
+    SavedModel (`nvae_tf.training.fit`).
 
     Args:
       config: the architecture (`NVAEConfig` or its dict).

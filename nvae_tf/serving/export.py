@@ -178,7 +178,11 @@ class _Signatures:
             inference.decode_mean(self.model, checked))}
 
     def input_signatures(self):
-        images = [tf.TensorSpec([None, None, None, None], tf.uint8,
+        """The signatures' input specs: the batch is free, the image and
+        latent shapes are declared (`saved_model_cli show` and TF Serving
+        clients see them); the in-graph checks stay for servers that do
+        not enforce them."""
+        images = [tf.TensorSpec([None, *self.image_shape], tf.uint8,
                                 name="images")]
         return {
             "sample": [tf.TensorSpec([], tf.int32, name="num_samples"),
@@ -187,9 +191,9 @@ class _Signatures:
             "reconstruct": images,
             "log_likelihood": images,
             "encode": images,
-            "decode": [tf.TensorSpec([None, None, None, None], tf.float32,
+            "decode": [tf.TensorSpec([None, *shape], tf.float32,
                                      name=latent_name(k))
-                       for k in range(len(self.latent_shapes))],
+                       for k, shape in enumerate(self.latent_shapes)],
         }
 
 

@@ -19,7 +19,9 @@ num_replicas)`: the trainer's (`seeded_latent_noise`) is the replica's slice
 of one global-batch draw keyed by `(seed, step)`, so the update does not
 depend on the number of replicas; a test can feed recorded noise instead.
 The trainer (`nvae_tf.training.trainer`), the benchmark and the official
-lockstep test all build their step with `make_train_step`.
+lockstep test all build their step with `make_train_step`; Keras' `fit`
+(`NVAE.train_step`, `nvae_tf.training.fit`) runs the same two parts,
+`make_replica_step` and `finish_step`.
 """
 
 from __future__ import annotations
@@ -248,17 +250,6 @@ def make_train_step(strategy, model, optimizer, schedule, objective,
     """
     replica_step = make_replica_step(model, objective, noise_fn, options)
     c = counters
-    float16 = options.float16
-
-    def apply(grads, learning_rate):
-        def update(variable, gradient):
-            optimizer.update_step(gradient, variable, learning_rate)
-
-        for grad, variable in zip(grads, model.trainable_variables):
-            strategy.extended.update(variable.value, update, args=(grad,),
-                                     group=False)
-        optimizer.iterations.assign_add(1)
-        return tf.constant(True)
 
     def train_step(iterator):
         step = tf.convert_to_tensor(c.step)
@@ -268,41 +259,83 @@ def make_train_step(strategy, model, optimizer, schedule, objective,
             next(iterator), step, tf.convert_to_tensor(c.nan_recoveries),
             tf.convert_to_tensor(c.loss_scale)))
 
-        def local(value):  # identical on every replica after all-reduce
-            return strategy.experimental_local_results(value)[0]
-
-        grads, metrics, loss_finite, grads_finite = outputs
-        metrics = {k: local(v) for k, v in metrics.items()}
-        loss_finite, grads_finite = local(loss_finite), local(grads_finite)
-        finite = loss_finite & grads_finite
-        learning_rate = schedule(step)
-
-        def skip():
+        def restore():
             for variable, value in zip(state, snapshot):
                 variable.value.assign(value)
-            return tf.constant(False)
 
-        tf.cond(finite, lambda: apply(grads, learning_rate), skip)
-        one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-        # float16: a finite loss with overflowing gradients is a loss-scale
-        # overflow (GradScaler skips it), not a divergence.
-        overflow = loss_finite & ~grads_finite & float16
-        c.skipped_steps.assign_add(tf.where(finite, zero, one))
-        c.nonfinite_streak.assign(tf.where(
-            finite | overflow, zero, c.nonfinite_streak + one))
-        if float16:
-            good = tf.where(finite, c.good_steps + one, zero)
-            grow = good >= LOSS_SCALE_GROWTH_STEPS
-            c.loss_scale.assign(c.loss_scale * tf.where(
-                finite, tf.where(grow, 2.0, 1.0), 0.5))
-            c.good_steps.assign(tf.where(grow, zero, good))
+        metrics = finish_step(strategy, model, optimizer, schedule, c,
+                              options, step, outputs, restore)
         c.step.assign_add(1)
-        metrics.update(
-            learning_rate=tf.cast(learning_rate, tf.float32),
-            finite=finite,
-            skipped_steps=tf.convert_to_tensor(c.skipped_steps),
-            nonfinite_streak=tf.convert_to_tensor(c.nonfinite_streak),
-            loss_scale=tf.convert_to_tensor(c.loss_scale))
         return metrics
 
     return tf.function(train_step)
+
+
+def finish_step(strategy, model, optimizer, schedule, counters: StepCounters,
+                options: StepOptions, step, outputs, restore):
+    """The cross-replica part of the step: apply or skip, update counters.
+
+    Shared by the trainer's step (after `strategy.run`) and `NVAE.train_step`
+    (in a `merge_call`). Does not advance `counters.step`; the optimizer's
+    `iterations` advance when the step is applied.
+
+    Args:
+      strategy: the `tf.distribute.Strategy` holding the variables.
+      model, optimizer, schedule: as for `make_train_step`.
+      counters: the `StepCounters` (`step` excepted).
+      options: the `StepOptions`.
+      step: the step's index (drives the learning rate).
+      outputs: what `make_replica_step`'s function returned, per replica.
+      restore: callable restoring the model's non-trainable state captured
+        before the forward (the skip of a non-finite step).
+
+    Returns:
+      The step's metrics: loss, its parts, learning_rate, finite, counters.
+    """
+    c = counters
+    float16 = options.float16
+
+    def local(value):  # identical on every replica after all-reduce
+        return strategy.experimental_local_results(value)[0]
+
+    grads, metrics, loss_finite, grads_finite = outputs
+    metrics = {k: local(v) for k, v in metrics.items()}
+    loss_finite, grads_finite = local(loss_finite), local(grads_finite)
+    finite = loss_finite & grads_finite
+    learning_rate = schedule(step)
+
+    def apply():
+        def update(variable, gradient):
+            optimizer.update_step(gradient, variable, learning_rate)
+
+        for grad, variable in zip(grads, model.trainable_variables):
+            strategy.extended.update(variable.value, update, args=(grad,),
+                                     group=False)
+        optimizer.iterations.assign_add(1)
+        return tf.constant(True)
+
+    def skip():
+        restore()
+        return tf.constant(False)
+
+    tf.cond(finite, apply, skip)
+    one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
+    # float16: a finite loss with overflowing gradients is a loss-scale
+    # overflow (GradScaler skips it), not a divergence.
+    overflow = loss_finite & ~grads_finite & float16
+    c.skipped_steps.assign_add(tf.where(finite, zero, one))
+    c.nonfinite_streak.assign(tf.where(
+        finite | overflow, zero, c.nonfinite_streak + one))
+    if float16:
+        good = tf.where(finite, c.good_steps + one, zero)
+        grow = good >= LOSS_SCALE_GROWTH_STEPS
+        c.loss_scale.assign(c.loss_scale * tf.where(
+            finite, tf.where(grow, 2.0, 1.0), 0.5))
+        c.good_steps.assign(tf.where(grow, zero, good))
+    metrics.update(
+        learning_rate=tf.cast(learning_rate, tf.float32),
+        finite=finite,
+        skipped_steps=tf.convert_to_tensor(c.skipped_steps),
+        nonfinite_streak=tf.convert_to_tensor(c.nonfinite_streak),
+        loss_scale=tf.convert_to_tensor(c.loss_scale))
+    return metrics

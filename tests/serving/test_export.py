@@ -55,6 +55,11 @@ loaded = tf.saved_model.load(export_dir)
 result["load_seconds"] = time.time() - start
 sigs = loaded.signatures
 result["signatures"] = sorted(sigs)
+# What `saved_model_cli show` and a TF Serving client see of the inputs.
+result["input_specs"] = {
+    name: {key: [list(spec.shape), spec.dtype.name]
+           for key, spec in sigs[name].structured_input_signature[1].items()}
+    for name in sigs}
 with open(os.path.join(export_dir, "assets.extra",
                        "nvae_tf_export.json")) as f:
     meta = json.load(f)
@@ -503,3 +508,83 @@ def test_serving_doc_models_config_parses():
     config = text_format.Parse(block, config_pb2.ModelServerConfig())
     names = [c.name for c in config.model_config_list.config]
     assert names == ["nvae_mnist", "nvae_celeba64"]
+
+
+def _input_specs(meta):
+    """The input specs every export must declare, from its metadata."""
+    h, w, c = meta["image_shape"]
+    images = {"images": [[None, h, w, c], "uint8"]}
+    specs = {"sample": {"num_samples": [[], "int32"],
+                        "temperature": [[], "float32"],
+                        "seed": [[], "int64"]},
+             "reconstruct": images, "log_likelihood": images,
+             "encode": images,
+             "decode": {export.latent_name(k): [[None, *shape], "float32"]
+                        for k, shape in enumerate(meta["latent_shapes"])}}
+    specs["serving_default"] = specs["sample"]
+    return specs
+
+
+def test_signatures_declare_the_image_and_latent_shapes(exported,
+                                                         fresh_process):
+    result, _ = fresh_process
+    specs = _input_specs(exported[3])
+    assert specs["reconstruct"]["images"][0] == [None, 8, 8, 3]
+    assert specs["decode"]["latent_003"][0] == [None, 4, 4, 3]
+    assert result["input_specs"] == specs
+
+
+INPUT_SPECS_SCRIPT = r'''
+import json, sys
+try:
+    import nvae_tf  # noqa: F401
+    importable = True
+except ImportError:
+    importable = False
+import tensorflow as tf
+sigs = tf.saved_model.load(sys.argv[1]).signatures
+print(json.dumps({"nvae_tf_importable": importable, "specs": {
+    name: {key: [list(spec.shape), spec.dtype.name]
+           for key, spec in sigs[name].structured_input_signature[1].items()}
+    for name in sigs}}))
+'''
+
+
+def test_model_export_writes_the_cli_saved_model(exported, tmp_path):
+    model = exported[0]
+    export_dir = str(tmp_path / "nvae_tiny" / "1")
+    metadata = model.export(export_dir, max_samples=16)
+    assert metadata["signatures"] == list(export.SIGNATURES)
+    script = tmp_path / "specs.py"
+    script.write_text(INPUT_SPECS_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, "-I", str(script), export_dir], cwd=str(tmp_path),
+        env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["nvae_tf_importable"]
+    assert result["specs"] == _input_specs(metadata)
+    loaded = tf.saved_model.load(export_dir)
+    x = np.random.RandomState(0).randint(0, 256, (2, 8, 8, 3), np.uint8)
+    nelbo = model(inference.images_from_uint8(x, model.config),
+                  training=False,
+                  seed=tf.constant(inference.FIXED_NOISE_SEED)).nelbo
+    np.testing.assert_allclose(
+        loaded.signatures["log_likelihood"](images=x)["nelbo_nats"], nelbo,
+        rtol=1e-4)
+
+
+def test_model_export_refuses_other_formats_tf_saved_model_save_has_none(
+        exported, tmp_path):
+    model = exported[0]
+    with pytest.raises(ValueError, match="tf_saved_model"):
+        model.export(str(tmp_path / "x"), format="onnx")
+    # tf.saved_model.save keeps the variables only: no signature can
+    # return `call`'s NVAEOutput; model.export is the serving route.
+    tf.saved_model.save(model, str(tmp_path / "y"))
+    loaded = tf.saved_model.load(str(tmp_path / "y"))
+    assert not list(loaded.signatures)
+    saved = tf.train.list_variables(
+        str(tmp_path / "y" / "variables" / "variables"))
+    assert len([n for n, _ in saved if "VARIABLE_VALUE" in n]) >= \
+        len(model.weights)
