@@ -50,26 +50,30 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(model_dir: str, checkpoint: str | None = None) -> LoadedModel:
-    """Rebuilds the model of `model_dir` from `checkpoint` (default latest).
+    """Rebuilds the model of `model_dir` from `checkpoint` (default the
+    newest readable one; a damaged newer one is named in a warning).
 
     Raises:
       FileNotFoundError: not a model directory, or no checkpoint in it.
       cli.UserError: config.json or the checkpoint cannot be read into a
-        model (the cause is chained).
+        model (the cause is chained), or no listed checkpoint is readable.
     """
     try:
         experiment = checkpoints.read_config(model_dir)
     except ValueError as err:  # unreadable JSON or an invalid config
         raise cli.UserError(f"{err} Fix or replace it (it is written by "
                             "`python -m nvae_tf.train`).") from err
-    path = checkpoint or checkpoints.latest_checkpoint(model_dir)
-    if path is None:
+    if checkpoint is None and not checkpoints.checkpoints_newest_first(
+            model_dir):
         raise FileNotFoundError(
             f"No checkpoint in {model_dir}/{checkpoints.CHECKPOINT_SUBDIR}: "
             "train this model first (`python -m nvae_tf.train "
             f"--model_dir={model_dir}`) or pass --checkpoint.")
-    try:
-        model = checkpoints.load_model_dir(model_dir, checkpoint_path=path)
+    try:  # by default the newest readable checkpoint (warns of damage)
+        model, path = checkpoints.load_model_and_path(
+            model_dir, checkpoint_path=checkpoint)
+    except checkpoints.NoReadableCheckpoint as err:  # all damaged
+        raise cli.UserError(f"{err} Pass another --checkpoint.") from err
     except ValueError as err:  # a corrupt or mismatched checkpoint
         raise cli.UserError(f"{err} Pass another --checkpoint.") from err
     return LoadedModel(model=model, experiment=experiment,

@@ -8,7 +8,11 @@ by resume, evaluation, export and tuning):
 
 Checkpoints are written by `tf.train.CheckpointManager`, which writes the
 files first and then atomically replaces the `checkpoint` index, so an
-interrupted save leaves the previous checkpoint loadable.
+interrupted save leaves the previous checkpoint loadable (and a
+`ckpt-N_temp/` folder, removed by `remove_temp_folders` on the next start).
+A checkpoint that cannot be read (truncated, missing files) is passed over
+for the newest readable one, with a warning naming it; its files are
+never deleted.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
+
+from nvae_tf import cli as cli_lib
 
 from nvae_tf.config import ConfigError
 from nvae_tf.experiment import ExperimentConfig
@@ -28,6 +36,20 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 # A replaced run is renamed to MODEL_DIR.replaced-<UTC time>, never deleted.
 REPLACED_SUFFIX = ".replaced-"
+# Where the trainer moves the files of an unreadable checkpoint, so that a
+# new save at the same step cannot overwrite them.
+DAMAGED_SUBDIR = "damaged"
+# A save in progress (or interrupted): CheckpointManager's scratch folder.
+_TEMP_FOLDER = re.compile(r"^ckpt-\d+_temp$")
+# What reading a damaged checkpoint raises: OpError (a truncated index is
+# "not an sstable", missing files), IndexError (a truncated data file:
+# "Read less bytes than requested"). A checkpoint that does not fit the
+# model (AssertionError, ValueError) is not damaged and is never passed over.
+DAMAGE_ERRORS = (tf.errors.OpError, IndexError)
+
+
+class NoReadableCheckpoint(cli_lib.UserError):
+    """The model directory lists checkpoints but none can be read."""
 
 
 def config_path(model_dir):
@@ -79,6 +101,104 @@ def latest_checkpoint(model_dir) -> str | None:
     """Path of the model directory's latest checkpoint, or None."""
     return tf.train.latest_checkpoint(
         os.path.join(model_dir, CHECKPOINT_SUBDIR))
+
+
+def checkpoints_newest_first(model_dir) -> list[str]:
+    """The checkpoints listed in the model directory's `checkpoint` index,
+    newest first (missing ones included: restoring them fails, which is
+    reported like any damage)."""
+    state = tf.train.get_checkpoint_state(
+        os.path.join(model_dir, CHECKPOINT_SUBDIR))
+    if state is None:
+        return []
+    paths = list(state.all_model_checkpoint_paths)
+    if state.model_checkpoint_path and \
+            state.model_checkpoint_path not in paths:
+        paths.append(state.model_checkpoint_path)
+    return paths[::-1]
+
+
+def restore_newest_readable(model_dir, restore) -> str | None:
+    """Calls `restore(path)` on the newest checkpoint that it can read.
+
+    Args:
+      model_dir: the model directory.
+      restore: restores one checkpoint path; raises one of `DAMAGE_ERRORS`
+        when it cannot read it (other errors propagate).
+
+    Returns:
+      The restored path, or None when no checkpoint is listed.
+
+    Raises:
+      NoReadableCheckpoint: checkpoints are listed, none can be read.
+    """
+    damaged = []
+    for path in checkpoints_newest_first(model_dir):
+        try:
+            restore(path)
+        except DAMAGE_ERRORS as err:
+            damaged.append(path)
+            logging.warning("Checkpoint %s cannot be read (%s); its files "
+                            "are kept, trying the previous checkpoint.",
+                            path, cli_lib.one_line(err))
+            last_error = err
+            continue
+        if damaged:
+            logging.warning("Restored %s instead of the damaged %s.", path,
+                            ", ".join(damaged))
+        return path
+    if damaged:
+        raise NoReadableCheckpoint(
+            f"No readable checkpoint in {model_dir}/{CHECKPOINT_SUBDIR}: "
+            f"{', '.join(os.path.basename(p) for p in damaged)} cannot be "
+            f"restored ({cli_lib.one_line(last_error)}); restore them from "
+            "a backup or move the model directory aside to start afresh.")
+    return None
+
+
+def set_damaged_aside(model_dir, damaged) -> str:
+    """Moves the files of the checkpoints `damaged` into
+    `checkpoints/damaged/` (renamed, never deleted) and drops them from the
+    `checkpoint` index; returns that folder."""
+    subdir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    target = os.path.join(subdir, DAMAGED_SUBDIR)
+    tf.io.gfile.makedirs(target)
+    for path in damaged:
+        for name in tf.io.gfile.glob(path + ".*"):
+            tf.io.gfile.rename(
+                name, os.path.join(target, os.path.basename(name)),
+                overwrite=True)
+    state = tf.train.get_checkpoint_state(subdir)
+    paths = list(state.all_model_checkpoint_paths)
+    times = list(state.all_model_checkpoint_timestamps) or \
+        [state.last_preserved_timestamp] * len(paths)
+    kept = [(path, stamp) for path, stamp in zip(paths, times)
+            if path not in damaged]
+    tf.compat.v1.train.update_checkpoint_state(
+        subdir, kept[-1][0], [p for p, _ in kept],
+        all_model_checkpoint_timestamps=[t for _, t in kept],
+        last_preserved_timestamp=state.last_preserved_timestamp)
+    return target
+
+
+def remove_temp_folders(model_dir) -> list[str]:
+    """Removes the `ckpt-N_temp/` folders left by interrupted saves (run
+    only while no save is in progress: by the lock's holder at start-up);
+    returns their paths."""
+    subdir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    if not tf.io.gfile.isdir(subdir):
+        return []
+    removed = []
+    for name in sorted(tf.io.gfile.listdir(subdir)):
+        name = name.rstrip("/")
+        path = os.path.join(subdir, name)
+        if _TEMP_FOLDER.match(name) and tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+            removed.append(path)
+    if removed:
+        logging.info("Removed %d folder(s) of interrupted checkpoint saves: "
+                     "%s.", len(removed), ", ".join(removed))
+    return removed
 
 
 def existing_run(model_dir):
@@ -139,22 +259,53 @@ def save_model_dir(model, model_dir, step=0, **extra):
     return checkpoint_manager(checkpoint, model_dir).save(checkpoint_number=step)
 
 
-def load_model_dir(model_dir, checkpoint_path=None):
-    """Rebuilds the model of a model directory from a checkpoint (default:
-    the latest)."""
+def load_model_and_path(model_dir, checkpoint_path=None):
+    """Rebuilds the model of a model directory from a checkpoint.
+
+    Args:
+      model_dir: the model directory.
+      checkpoint_path: the checkpoint; default the newest readable one (a
+        damaged newer one is named in a warning).
+
+    Returns:
+      (model, the restored checkpoint's path).
+
+    Raises:
+      FileNotFoundError: no config.json, or no checkpoint.
+      NoReadableCheckpoint: no listed checkpoint can be read.
+      ValueError: `checkpoint_path` cannot be restored into the model.
+    """
     from nvae_tf.model import NVAE  # pylint: disable=import-outside-toplevel
     experiment = read_config(model_dir)
     model = NVAE(experiment.model,
                  sync_batchnorm=experiment.runtime.sync_batchnorm)
     model.build()
     checkpoint = tf.train.Checkpoint(model=model)
-    path = checkpoint_path or latest_checkpoint(model_dir)
-    if path is None:
-        raise FileNotFoundError(f"No checkpoint in {model_dir}/"
-                                f"{CHECKPOINT_SUBDIR}.")
+
+    def restore(path):
+        try:
+            checkpoint.restore(path).expect_partial() \
+                .assert_existing_objects_matched()
+        except (AssertionError, ValueError) as err:  # fits another model
+            raise ValueError(
+                f"Checkpoint {path} cannot be restored into the model of "
+                f"{config_path(model_dir)}: {cli_lib.one_line(err)}") from err
+
+    if checkpoint_path is None:
+        path = restore_newest_readable(model_dir, restore)
+        if path is None:
+            raise FileNotFoundError(f"No checkpoint in {model_dir}/"
+                                    f"{CHECKPOINT_SUBDIR}.")
+        return model, path
     try:
-        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as err:
-        raise ValueError(f"Checkpoint {path} cannot be restored into the "
-                         f"model of {config_path(model_dir)}: {err}") from err
-    return model
+        restore(checkpoint_path)
+    except DAMAGE_ERRORS as err:
+        raise ValueError(
+            f"Checkpoint {checkpoint_path} cannot be read: "
+            f"{cli_lib.one_line(err)}") from err
+    return model, checkpoint_path
+
+
+def load_model_dir(model_dir, checkpoint_path=None):
+    """The model of `load_model_and_path`."""
+    return load_model_and_path(model_dir, checkpoint_path)[0]

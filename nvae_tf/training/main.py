@@ -11,13 +11,16 @@ evaluates (the validation split every epoch when there is one, the test
 split after the last step) and exports a SavedModel to
 saved_models/<name>/<step> (TF Serving's layout). Rerunning the same command
 resumes from the latest checkpoint (with the saved run length, unless
-`--extend_run`). A bad flag, missing or corrupt data or a model directory
-that cannot be written stops the command with one line on stderr
-(`nvae_tf.cli`). This file is intentionally kept short.
+`--extend_run`). A bad flag, missing or corrupt data, a model directory
+that cannot be written or is in use by another trainer (`lock`) stops the
+command with one line on stderr (`nvae_tf.cli`). SIGTERM or SIGINT stops
+it after the current step with a checkpoint and exit status 143 or 130
+(`preemption`). This file is intentionally kept short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -32,6 +35,8 @@ from nvae_tf import flagfiles
 from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
 from nvae_tf.training import flags as nvae_flags
+from nvae_tf.training import lock as lock_lib
+from nvae_tf.training import preemption
 from nvae_tf.training import trainer as trainer_lib
 from nvae_tf.config import ConfigError
 from nvae_tf.model import NVAE
@@ -223,9 +228,32 @@ def build_trainer(experiment, strategy):
     return trainer_lib.Trainer(experiment, strategy), info
 
 
-def run(experiment, strategy):
-    """Trains (or resumes) and returns the final evaluation dict."""
+def run(experiment, strategy, stop=None):
+    """Trains (or resumes) and returns the final evaluation dict.
+
+    After the checks (nothing written yet), the chief takes the model
+    directory's lock for the rest of the run (a second trainer is refused)
+    and removes the folders of interrupted saves.
+
+    Args:
+      experiment: the `ExperimentConfig`.
+      strategy: the `tf.distribute.Strategy`.
+      stop: a `preemption.StopRequest` (see `Trainer.fit`).
+
+    Raises:
+      lock.ModelDirLocked: another trainer holds the model directory.
+      preemption.Interrupted: stopped by a signal after a checkpoint.
+    """
     trainer, info = build_trainer(experiment, strategy)
+    model_dir = experiment.runtime.model_dir
+    with contextlib.ExitStack() as stack:
+        if trainer.is_chief:
+            stack.enter_context(lock_lib.ModelDirLock(model_dir))
+            checkpoints.remove_temp_folders(model_dir)
+        return _train(trainer, info, stop)
+
+
+def _train(trainer, info, stop):
     experiment = trainer.experiment
     if trainer.is_chief:
         save_config(experiment.runtime.model_dir, experiment)
@@ -235,7 +263,7 @@ def run(experiment, strategy):
                  experiment.data.batch_size, experiment.run.steps_per_epoch,
                  experiment.run.num_epochs,
                  f"{trainer.model.num_parameters():,}")
-    result = trainer.fit()
+    result = trainer.fit(stop)
     skipped = data_lib.skipped_image_files()
     if skipped:
         result["skipped_images"] = len(skipped)
@@ -256,9 +284,19 @@ def run(experiment, strategy):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    experiment = nvae_flags.from_flags(FLAGS)
-    strategy = make_strategy(experiment.runtime)
-    run(experiment, strategy)
+    with preemption.StopRequest() as stop:
+        experiment = nvae_flags.from_flags(FLAGS)
+        strategy = make_strategy(experiment.runtime)
+        stop.install()
+        try:
+            run(experiment, strategy, stop)
+        except preemption.Interrupted as stopped:
+            logging.warning("%s with a checkpoint in %s; rerun the same "
+                            "command to resume (exit status %d).", stopped,
+                            experiment.runtime.model_dir,
+                            stopped.exit_status)
+            return stopped.exit_status
+    return 0
 
 
 def cli():

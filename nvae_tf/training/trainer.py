@@ -34,6 +34,7 @@ from nvae_tf.training import checkpoints
 from nvae_tf import data as data_lib
 from nvae_tf.fast import graph_options
 from nvae_tf.training import log as train_log
+from nvae_tf.training import preemption
 from nvae_tf.model import NVAE
 from nvae_tf.objectives import bits_per_dim
 from nvae_tf.training import step as step_lib
@@ -114,6 +115,11 @@ class Trainer:
             strategy, self.model, self.optimizer, self.schedule,
             self.objective, counters, self.noise_fn, self.step_options)
         self._eval_step = tf.function(self._distributed_eval_step)
+        # Workers agree on a stop after every step (an all-reduce of the
+        # signal flag); one process needs no agreement.
+        self.multi_worker = len(strategy.extended.worker_devices) < \
+            self.num_replicas
+        self._stop_votes = tf.function(self._distributed_stop_votes)
         self.log = train_log.TrainLog(
             self.model, train, length, self.model_dir, self.is_chief,
             fixed_images=self._fixed_images,
@@ -207,10 +213,54 @@ class Trainer:
                 "num_images": int(count),
                 "seconds": round(time.time() - start, 1)}
 
+    # ------------------------------------------------------------- signals
+    def _distributed_stop_votes(self, vote):
+        votes = self.strategy.run(lambda: tf.identity(vote))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes,
+                                    axis=None)
+
+    def stop_agreed(self, stop) -> bool:
+        """Whether any process received a stop signal (the same answer on
+        every worker, so that all save and stop at the same step)."""
+        local = stop is not None and stop.requested
+        if not self.multi_worker:
+            return local
+        return float(self._stop_votes(tf.constant(float(local)))) > 0
+
+    def _stop(self, stop, step):
+        """Saves at `step` and raises `preemption.Interrupted`.
+
+        Within a run of non-finite steps nothing is saved: NaN recovery
+        restores the last checkpoint, which must stay the one an
+        uninterrupted run would restore.
+        """
+        if int(self.nonfinite_streak.numpy()) == 0:
+            self.save()
+        else:
+            latest = self.manager.latest_checkpoint
+            logging.warning("Step %d follows %d non-finite step(s): not "
+                            "saved, a rerun resumes from %s.", step,
+                            int(self.nonfinite_streak.numpy()), latest)
+            step = int(latest.rsplit("-", 1)[-1]) if latest else 0
+        raise preemption.Interrupted(stop.signum if stop else None, step)
+
     # --------------------------------------------------------- checkpoints
     def restore_or_initialize(self) -> int:
-        """Resumes from model_dir's latest checkpoint or saves step 0."""
-        latest = checkpoints.latest_checkpoint(self.model_dir)
+        """Resumes from model_dir's newest readable checkpoint or saves
+        step 0.
+
+        A damaged newer checkpoint is named in a warning and its files are
+        moved (by the chief) to `checkpoints/damaged/`, so that the save at
+        its step cannot overwrite them.
+
+        Raises:
+          FileNotFoundError: `--cont_training` and no checkpoint.
+          checkpoints.NoReadableCheckpoint: checkpoints are listed but none
+            can be read (training never restarts from scratch over them).
+        """
+        damaged = checkpoints.checkpoints_newest_first(self.model_dir)
+        latest = checkpoints.restore_newest_readable(self.model_dir,
+                                                     self._restore)
         if latest is None:
             if self.runtime.require_checkpoint:
                 raise FileNotFoundError(
@@ -218,7 +268,16 @@ class Trainer:
                     f"{checkpoints.CHECKPOINT_SUBDIR} to resume from.")
             self.save()
             return 0
-        self._restore(latest)
+        damaged = damaged[:damaged.index(latest)]
+        if damaged and self.is_chief:
+            logging.warning("Moved the files of the damaged checkpoint(s) %s "
+                            "to %s.", ", ".join(damaged),
+                            checkpoints.set_damaged_aside(self.model_dir,
+                                                          damaged))
+        if damaged:  # the manager's list without them
+            self.manager = checkpoints.checkpoint_manager(
+                self.checkpoint, self._write_dir,
+                max_to_keep=self.train.keep_checkpoints)
         step = int(self.step.numpy())
         self._last_saved_step = step
         logging.info("Resumed from %s at step %d (lr scale %.4g, %d NaN "
@@ -282,12 +341,20 @@ class Trainer:
         return step
 
     # ---------------------------------------------------------------- loop
-    def fit(self) -> dict:
+    def fit(self, stop=None) -> dict:
         """Trains to `total_steps` (resuming), evaluates, returns the last
-        evaluation (the test split's, unless `final_test_eval` is off)."""
+        evaluation (the test split's, unless `final_test_eval` is off).
+
+        Args:
+          stop: a `preemption.StopRequest`; once it is requested (on any
+            worker) the trainer saves at the current step and raises
+            `preemption.Interrupted`.
+        """
         length, train = self.length, self.train
         step = self.restore_or_initialize()
         eval_every = train.eval_every_epochs_resolved()
+        if step < length.total_steps and self.stop_agreed(stop):
+            self._stop(stop, step)  # signalled during start-up
         while step < length.total_steps:
             iterator = self.train_batches(step)
             pass_end = (step // length.batches_per_pass + 1) * \
@@ -313,6 +380,8 @@ class Trainer:
                 if streak == 0 and ((every and step % every == 0) or
                                     (not every and epoch_end)):
                     self.save()
+                if self.stop_agreed(stop):
+                    self._stop(stop, step)
         self.save()
         logging.info("Final weights fingerprint %s at step %d.",
                      self.weights_fingerprint(), step)
