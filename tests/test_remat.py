@@ -157,12 +157,12 @@ from nvae_tf.model import NVAE
 from tests.conftest import make_tiny_config
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-config = make_tiny_config(num_groups_per_scale=1, sync_batchnorm=True)
+config = make_tiny_config(num_groups_per_scale=1)
 rng = np.random.default_rng(0)
 x = tf.constant(rng.integers(0, 256, (4, 8, 8, 3)) / 255.0, tf.float32)
 results = {}
 with strategy.scope():
-    models = {mode: NVAE(config, seed=3, remat=mode)
+    models = {mode: NVAE(config, seed=3, sync_batchnorm=True, remat=mode)
               for mode in ("none", "cells")}
     for model in models.values():
         model.build()
