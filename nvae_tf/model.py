@@ -293,8 +293,8 @@ class NVAE(CheckpointableCollections, KerasTraining, keras.Model):
         the state lives in `spectral_regularizer` and is checkpointed.
         """
         return self.spectral_regularizer(
-            [conv.spectral_matrix() for conv in self.conv_layers()],
-            update_state=update_state)
+            [conv.transposed_spectral_matrix() for conv in self.conv_layers()],
+            update_state=update_state, transposed=True)
 
     # ---------------------------------------------------------------- noise
     def _draw_seed(self):

@@ -78,6 +78,46 @@ def depthwise_conv2d_same(inputs, kernel):
     return outputs, grad
 
 
+def weight_normalize(kernel, log_weight_norm, axes, gain_shape):
+    """exp(log_weight_norm) * kernel / (||kernel|| + eps), norms over `axes`.
+
+    The gradient is written out so that the backward pass needs only the
+    kernel and per-output-channel values: automatic differentiation would
+    keep `gain * kernel`, a full copy of every kernel, from the forward to
+    the backward pass. With t = sum(dw * v), d = ||v|| + eps, s = g / d:
+
+        dv = s dw - s t / (d ||v||) v,    d log_weight_norm = s t.
+
+    Args:
+      kernel: the kernel direction v (float32).
+      log_weight_norm: [out] logarithm of the gains g.
+      axes: the kernel axes reduced by the norm (all but the output channel).
+      gain_shape: shape that broadcasts a per-output value over the kernel.
+
+    Returns:
+      The weight-normalised kernel, shaped like `kernel`.
+    """
+
+    @tf.custom_gradient
+    def normalize(kernel, log_weight_norm):
+        gain = tf.reshape(tf.exp(log_weight_norm), gain_shape)
+        norm = tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes,
+                                     keepdims=True))
+        denom = norm + WEIGHT_NORM_EPS
+        weight = gain * kernel / denom
+
+        def grad(grad_weight):
+            scale = gain / denom
+            dot = tf.reduce_sum(grad_weight * kernel, axis=axes, keepdims=True)
+            grad_kernel = scale * grad_weight - (
+                scale * dot / (denom * norm)) * kernel
+            return grad_kernel, tf.reshape(scale * dot, [-1])
+
+        return weight, grad
+
+    return normalize(kernel, tf.convert_to_tensor(log_weight_norm))
+
+
 @keras.saving.register_keras_serializable(package="nvae_tf")
 class WeightNormConv2D(keras.layers.Layer):
     """2-D convolution with NVAE weight normalisation and symmetric padding.
@@ -182,8 +222,8 @@ class WeightNormConv2D(keras.layers.Layer):
         if not self.weight_norm:
             return kernel
         gain_shape = (1, 1, -1, 1) if self.depthwise else (1, 1, 1, -1)
-        gain = tf.reshape(tf.exp(self.log_weight_norm), gain_shape)
-        return gain * kernel / (self._kernel_norm(kernel) + WEIGHT_NORM_EPS)
+        return weight_normalize(kernel, self.log_weight_norm, self._norm_axes,
+                                gain_shape)
 
     def spectral_matrix(self):
         """Effective kernel as [out, in/groups * kh * kw] for spectral reg."""
@@ -191,6 +231,15 @@ class WeightNormConv2D(keras.layers.Layer):
         perm = (2, 0, 1, 3) if self.depthwise else (3, 0, 1, 2)
         rows = self.filters
         return tf.reshape(tf.transpose(kernel, perm), (rows, -1))
+
+    def transposed_spectral_matrix(self):
+        """The transpose of `spectral_matrix()`, [in/groups * kh * kw, out].
+
+        A reshape of the effective kernel, so no copy: the kernel's layout
+        [kh, kw, in/groups, out] already orders the columns of
+        `spectral_matrix()` as (kh, kw, in/groups).
+        """
+        return tf.reshape(self.effective_kernel(), (-1, self.filters))
 
     def _padding_arg(self):
         span = self.dilation_rate * (self.kernel_size - 1)

@@ -110,11 +110,15 @@ class SpectralRegularizer(CheckpointableCollections, keras.layers.Layer):
             shape=(), dtype="int32", name="initialized", initializer="zeros",
             trainable=False, aggregation="only_first_replica")
 
-    def _power_iterate(self, weight, u, v, num_iterations):
-        """Runs `num_iterations` batched power iterations; weight [n, r, c]."""
+    def _power_iterate(self, weight, u, v, num_iterations, transposed):
+        """Runs `num_iterations` batched power iterations.
+
+        `weight` is [n, r, c], or its transpose [n, c, r] if `transposed`.
+        """
         def body(i, u, v):
-            v = _normalize(tf.linalg.matvec(weight, u, transpose_a=True))
-            u = _normalize(tf.linalg.matvec(weight, v))
+            v = _normalize(tf.linalg.matvec(weight, u,
+                                            transpose_a=not transposed))
+            u = _normalize(tf.linalg.matvec(weight, v, transpose_a=transposed))
             return i + 1, u, v
 
         _, u, v = tf.while_loop(
@@ -122,14 +126,17 @@ class SpectralRegularizer(CheckpointableCollections, keras.layers.Layer):
             (tf.constant(0, tf.int32), u, v))
         return u, v
 
-    def call(self, matrices, update_state: bool = True):
+    def call(self, matrices, update_state: bool = True,
+             transposed: bool = False):
         """Returns sum_i sigma(W_i) (float32 scalar) for the list `matrices`.
 
         Args:
           matrices: the 2-D tensors W_i [rows, cols], shapes and order as in
-            `build`.
+            `build`; their transposes W_i^T [cols, rows] if `transposed`.
           update_state: store the new u, v (and mark the state initialized);
             False leaves the state untouched (e.g. for logging).
+          transposed: `matrices` are the W_i^T (a conv kernel is W^T up to a
+            reshape, so it needs no transposed copy).
         """
         if len(matrices) != self._num_matrices:
             raise ValueError(f"Expected {self._num_matrices} matrices, "
@@ -140,21 +147,28 @@ class SpectralRegularizer(CheckpointableCollections, keras.layers.Layer):
             FIRST_CALL_ITERATION_MULTIPLIER * self.num_power_iterations)
         total = tf.constant(0.0, tf.float32)
         for b, indices in enumerate(self._buckets):
-            weight = tf.stack([tf.cast(matrices[i], tf.float32)
-                               for i in indices])  # [n, rows, cols]
+            bucket = [tf.cast(matrices[i], tf.float32) for i in indices]
             u0 = tf.convert_to_tensor(self._u[b])  # [n, rows]
             v0 = tf.convert_to_tensor(self._v[b])  # [n, cols]
             # Fresh N(0, 1) vectors are normalised once before iterating.
             u0 = tf.where(initialized, u0, _normalize(u0))
             v0 = tf.where(initialized, v0, _normalize(v0))
+            # The stacked copy [n, rows, cols] serves the power iteration
+            # only (no gradient), and is freed after it.
             u, v = self._power_iterate(
-                tf.stop_gradient(weight), u0, v0, num_iterations)
+                tf.stack([tf.stop_gradient(w) for w in bucket]), u0, v0,
+                num_iterations, transposed)
             u, v = tf.stop_gradient(u), tf.stop_gradient(v)
             if update_state:
                 self._u[b].assign(u)
                 self._v[b].assign(v)
-            # sigma_i = u_i^T W_i v_i, gradient u_i v_i^T.
-            total += tf.reduce_sum(u * tf.linalg.matvec(weight, v))
+            # sigma_i = u_i^T W_i v_i, gradient u_i v_i^T, matrix by matrix:
+            # through a stack, the gradient would be a stacked copy of all
+            # of them, sliced into another.
+            for j, weight in enumerate(bucket):
+                left, right = (v[j], u[j]) if transposed else (u[j], v[j])
+                total += tf.tensordot(
+                    left, tf.linalg.matvec(weight, right), 1)
         if update_state:
             self.initialized.assign(1)
         return total

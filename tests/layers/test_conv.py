@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nvae_tf.layers.conv import (BNSwishConv, ConvBNSwish, WeightNormConv2D,
-                                 upsample_nearest)
+from nvae_tf.layers.conv import (WEIGHT_NORM_EPS, BNSwishConv, ConvBNSwish,
+                                 WeightNormConv2D, upsample_nearest,
+                                 weight_normalize)
 from tests.conftest import (batchnorm_reference, conv2d_reference,
                             conv_layer_reference, effective_kernel,
                             randomize_weights, rebuild_from_config, swish,
@@ -155,6 +156,49 @@ def test_depthwise_needs_filters_equal_to_input_channels():
     with pytest.raises(ValueError, match="filters == input channels, got 4 "
                                          "and 3"):
         conv.build((None, 4, 4, 3))
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_weight_normalize_gradient_equals_autodiff(depthwise):
+    rng = np.random.default_rng(4)
+    shape = (3, 3, 5, 1) if depthwise else (3, 3, 4, 6)
+    axes = (0, 1, 3) if depthwise else (0, 1, 2)
+    gain_shape = (1, 1, -1, 1) if depthwise else (1, 1, 1, -1)
+    kernel = tf.constant(rng.normal(size=shape).astype(np.float32))
+    log_gain = tf.constant(rng.normal(size=(shape[2] if depthwise else
+                                            shape[3],)).astype(np.float32))
+    upstream = tf.constant(rng.normal(size=shape).astype(np.float32))
+
+    def autodiff(kernel, log_gain):
+        norm = tf.sqrt(tf.reduce_sum(tf.square(kernel), axes, keepdims=True))
+        return tf.reshape(tf.exp(log_gain), gain_shape) * kernel / (
+            norm + WEIGHT_NORM_EPS)
+
+    values, grads = [], []
+    for fn in (autodiff, lambda k, g: weight_normalize(k, g, axes,
+                                                       gain_shape)):
+        with tf.GradientTape() as tape:
+            tape.watch([kernel, log_gain])
+            weight = fn(kernel, log_gain)
+            loss = tf.reduce_sum(weight * upstream)
+        values.append(weight.numpy())
+        grads.append([g.numpy() for g in tape.gradient(
+            loss, [kernel, log_gain])])
+    np.testing.assert_array_equal(values[1], values[0])
+    for ours, reference in zip(grads[1], grads[0]):
+        assert np.abs(reference).max() > 0.1
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_transposed_spectral_matrix_is_the_transpose():
+    for conv, in_shape in ((WeightNormConv2D(4, 3, padding=1),
+                            (None, 4, 4, 2)),
+                           (WeightNormConv2D(3, 5, padding=2, depthwise=True),
+                            (None, 4, 4, 3))):
+        conv.build(in_shape)
+        np.testing.assert_array_equal(
+            conv.transposed_spectral_matrix().numpy(),
+            conv.spectral_matrix().numpy().T)
 
 
 def test_spectral_matrix_layout():

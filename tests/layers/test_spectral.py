@@ -97,6 +97,29 @@ def test_spectral_regularizer_gradient_is_u_v_transpose():
         np.testing.assert_allclose(grad, np.outer(u, v), atol=1e-6)
 
 
+def test_spectral_regularizer_transposed_matrices_same_value_state_grads():
+    results = []
+    for transposed in (False, True):
+        layer = SpectralRegularizer(seed=5)
+        layer.build(SHAPES)
+        mats = [tf.Variable(m.T if transposed else m)
+                for m in _matrices(3)]
+        for _ in range(2):  # the first call (40 iterations) and a later one
+            with tf.GradientTape() as tape:
+                value = layer(mats, transposed=transposed)
+        grads = tape.gradient(value, mats)
+        results.append((float(value),
+                        [w.numpy() for w in layer.non_trainable_weights],
+                        [g.numpy().T if transposed else g.numpy()
+                         for g in grads]))
+    (value, state, grads), (value_t, state_t, grads_t) = results
+    assert value_t == pytest.approx(value, rel=1e-6)
+    for a, b in zip(state + grads, state_t + grads_t):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+    # The state is the one of the untransposed matrices: u [rows], v [cols].
+    assert [s.shape for s in state_t[:2]] == [(3, 8), (3, 18)]
+
+
 def test_spectral_regularizer_update_state_false_keeps_state():
     layer = SpectralRegularizer(seed=0)
     mats = [tf.constant(m) for m in _matrices(0)]
