@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # A graph is one protocol buffer of at most 2 GB, and optimising it holds
@@ -34,13 +35,59 @@ import tensorflow as tf
 MAX_CONSTANT_BYTES = 1 << 30
 
 
-def with_constant_weights(model: keras.Model, fn):
+def with_substituted_weights(fn, substitutes):
+    """`fn` with each given model variable read as its substitute.
+
+    The substitutes take effect through a `keras.StatelessScope` entered
+    each time the returned function is traced: only the traced graph sees
+    them, and the variables themselves are never touched.
+
+    Args:
+      fn: a function of tensors; trace the returned function in a
+        `tf.function`.
+      substitutes: [(Keras variable, value)]; a value is an array or tensor
+        of the variable's shape, a graph constant of the trace.
+
+    Returns:
+      A function with `fn`'s signature and results.
+
+    Raises:
+      ValueError: (when traced) `fn` assigned one of the substituted
+        variables, e.g. drew noise from the model's counter instead of a
+        given seed.
+    """
+    substitutes = list(substitutes)
+
+    @functools.wraps(fn)
+    def traced_with_substitutes(*args, **kwargs):
+        tensors = [tf.constant(value, dtype=variable.dtype)
+                   for variable, value in substitutes]
+        variables = [variable for variable, _ in substitutes]
+        with keras.StatelessScope(
+                state_mapping=list(zip(variables, tensors))) as scope:
+            result = fn(*args, **kwargs)
+        assigned = [v.path for v, t in zip(variables, tensors)
+                    if scope.get_current_value(v) is not t]
+        if assigned:
+            raise ValueError(
+                f"{fn.__name__} assigned the model variables {assigned}; a "
+                "function with substituted weights must not change model "
+                "state. Pass an explicit seed (the noise counter cannot "
+                "advance) and run batch norm in inference mode.")
+        return result
+
+    return traced_with_substitutes
+
+
+def with_constant_weights(model: keras.Model, fn, substitutes=()):
     """`fn` with every variable of `model` read as a constant of its value now.
 
     Args:
       model: the Keras model whose variables `fn` reads.
       fn: a function of tensors; trace the returned function in a
         `tf.function` (constant folding happens when the graph is optimised).
+      substitutes: [(variable of `model`, value)] read instead of those
+        variables' current values (e.g. re-estimated batch norm statistics).
 
     Returns:
       A function with `fn`'s signature and results.
@@ -50,30 +97,16 @@ def with_constant_weights(model: keras.Model, fn):
         traced) `fn` assigned one of the model's variables, e.g. drew noise
         from the model's counter instead of a given seed.
     """
+    replaced = {id(variable): value for variable, value in substitutes}
     variables = list(model.variables)
-    values = [v.numpy() for v in variables]  # the snapshot
-    size = sum(value.nbytes for value in values)
+    # The snapshot.
+    values = [replaced[id(v)] if id(v) in replaced else v.numpy()
+              for v in variables]
+    size = sum(np.asarray(value).nbytes for value in values)
     if size > MAX_CONSTANT_BYTES:
         raise ValueError(
             f"{model.name} has {size / 2**20:.0f} MB of weights, more than "
             f"graph constants may hold ({MAX_CONSTANT_BYTES / 2**20:.0f} MB);"
             " read them as variables instead (constant_weights=False, "
             "--noconstant_weights).")
-
-    @functools.wraps(fn)
-    def traced_with_constants(*args, **kwargs):
-        constants = [tf.constant(value) for value in values]
-        with keras.StatelessScope(
-                state_mapping=list(zip(variables, constants))) as scope:
-            result = fn(*args, **kwargs)
-        assigned = [v.path for v, c in zip(variables, constants)
-                    if scope.get_current_value(v) is not c]
-        if assigned:
-            raise ValueError(
-                f"{fn.__name__} assigned the model variables {assigned}; a "
-                "function with constant weights must not change model state. "
-                "Pass an explicit seed (the noise counter cannot advance) and "
-                "run batch norm in inference mode.")
-        return result
-
-    return traced_with_constants
+    return with_substituted_weights(fn, zip(variables, values))

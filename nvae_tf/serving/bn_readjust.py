@@ -23,7 +23,6 @@ instead of being cached or used.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -82,16 +81,7 @@ def get_statistics(model) -> dict:
 
 def set_statistics(model, statistics: dict) -> None:
     """Assigns `statistics` (all of the model's BN statistics) to `model`."""
-    pairs = _statistic_variables(model)
-    missing = sorted({k for k, _ in pairs} - set(statistics))
-    if missing:
-        raise ValueError(f"Statistics lack {len(missing)} BatchNorm "
-                         f"variables of the model, e.g. {missing[:3]}.")
-    for key, variable in pairs:
-        value = np.asarray(statistics[key], np.float32)
-        if value.shape != tuple(variable.shape):
-            raise ValueError(f"{key}: statistics of shape {value.shape}, the "
-                             f"model has {tuple(variable.shape)}.")
+    for variable, value in statistics_substitutes(model, statistics):
         variable.assign(value)
 
 
@@ -233,31 +223,24 @@ def readjust_batchnorm(model, temperature: float, **kwargs) -> ReadjustResult:
     return result
 
 
-@contextlib.contextmanager
-def traced_with_statistics(model, statistics: dict):
-    """While active, every BatchNorm reads its moving statistics from new,
-    non-trainable `tf.Variable`s holding `statistics`.
+def statistics_substitutes(model, statistics: dict) -> list:
+    """[(BatchNorm moving statistic, its value in `statistics`)].
 
-    For tracing one `tf.function` (an export signature) with re-estimated
-    statistics while the other signatures keep the training ones: the traced
-    graph captures the new variables, and the layers get their own
-    variables back on exit. Yields the new variables.
+    For tracing one function (an export signature) with re-estimated
+    statistics while the model keeps its own
+    (`constant_weights.with_substituted_weights`); the statistics become
+    constants of that graph.
     """
-    swapped = []
-    try:
-        for bn in model.batchnorm_layers():
-            for name in _STAT_NAMES:
-                original = getattr(bn, name)
-                key = checkpoints.variable_key(original)
-                value = np.asarray(statistics[key], np.float32)
-                replacement = tf.Variable(
-                    value, trainable=False,
-                    name=f"readjusted_{name}")
-                # Bypass Keras attribute tracking: the layer must not adopt
-                # the replacement as one of its own weights.
-                object.__setattr__(bn, name, replacement)
-                swapped.append((bn, name, original, replacement))
-        yield [r for _, _, _, r in swapped]
-    finally:
-        for bn, name, original, _ in swapped:
-            object.__setattr__(bn, name, original)
+    pairs = _statistic_variables(model)
+    missing = sorted({k for k, _ in pairs} - set(statistics))
+    if missing:
+        raise ValueError(f"Statistics lack {len(missing)} BatchNorm "
+                         f"variables of the model, e.g. {missing[:3]}.")
+    substitutes = []
+    for key, variable in pairs:
+        value = np.asarray(statistics[key], np.float32)
+        if value.shape != tuple(variable.shape):
+            raise ValueError(f"{key}: statistics of shape {value.shape}, the "
+                             f"model has {tuple(variable.shape)}.")
+        substitutes.append((variable, value))
+    return substitutes

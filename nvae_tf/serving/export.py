@@ -60,7 +60,8 @@ from nvae_tf.serving import bn_readjust
 
 from nvae_tf.serving import inference
 from nvae_tf.fast import inference_shards
-from nvae_tf.fast.constant_weights import with_constant_weights
+from nvae_tf.fast.constant_weights import (with_constant_weights,
+                                          with_substituted_weights)
 from nvae_tf.objectives import bits_per_dim
 
 DEFAULT_TEMPERATURE = 0.7  # official evaluate.py --temp
@@ -203,7 +204,8 @@ def _traced(fn, input_signature):
     `tf.saved_model.save` traces endpoints again. The endpoint therefore
     only calls the concrete function traced here: its retrace re-emits that
     call instead of re-running the model code, which keeps the export fast
-    and keeps what was traced in a context (`traced_with_statistics`).
+    and keeps what was traced with substituted weights
+    (`with_substituted_weights`).
 
     The wrapper captures the traced function's weights (its captured
     inputs) under valid argument names, `captured_NNNN`. Left to itself, a
@@ -307,23 +309,21 @@ def export_saved_model(model, export_dir: str,
     bn_info = None
     for name in SIGNATURES:
         fn = getattr(signatures, name)
-        if constant_weights and name in FAST_SIGNATURES:
-            fn = with_constant_weights(model, fn)
+        substitutes = []
         if name == "sample" and readjust_bn:
             result = bn_readjust.readjusted_statistics(
                 model, temperature, model_dir=model_dir,
                 checkpoint_id=checkpoint_id, num_passes=bn_passes,
                 batch_size=bn_batch_size, seed=bn_seed)
-            with bn_readjust.traced_with_statistics(
-                    model, result.statistics) as variables:
-                function = _traced(fn, specs[name])
-            # Keeps the graph's statistics variables alive and saved.
-            archive.add_variable_collection(
-                "sampling_batchnorm_statistics", variables)
+            substitutes = bn_readjust.statistics_substitutes(
+                model, result.statistics)
             bn_info = {"cache_path": result.cache_path,
                        "from_cache": result.from_cache, **result.metadata}
-        else:
-            function = _traced(fn, specs[name])
+        if constant_weights and name in FAST_SIGNATURES:
+            fn = with_constant_weights(model, fn, substitutes)
+        elif substitutes:
+            fn = with_substituted_weights(fn, substitutes)
+        function = _traced(fn, specs[name])
         archive.add_endpoint(name, function)  # first one: serving_default
 
     parent = os.path.dirname(export_dir) or "."

@@ -146,3 +146,52 @@ def test_weights_too_large_for_graph_constants_are_refused(model,
     with pytest.raises(ValueError, match="MB of weights.*constant_weights="
                                          "False"):
         constant_weights.with_constant_weights(model, lambda: None)
+
+
+def test_substituted_weights_are_read_in_the_trace_only(model):
+    """`with_substituted_weights`: the given BN statistics replace the
+    model's in the traced function (same result as assigning them), the
+    other weights stay variables, and the model keeps its own statistics;
+    `with_constant_weights(..., substitutes)` gives the same numbers."""
+    x = _images(model)
+    bns = model.batchnorm_layers()
+    variables = [bn.moving_mean for bn in bns] + [
+        bn.moving_variance for bn in bns]
+    own = [v.numpy() for v in variables]
+    new = [value + 0.5 if "mean" in v.path else value * 1.5
+           for v, value in zip(variables, own)]
+
+    def nelbo(x):
+        return model(x, training=False, seed=SEED).nelbo
+
+    substitutes = list(zip(variables, new))
+    fn = tf.function(constant_weights.with_substituted_weights(
+        nelbo, substitutes))
+    concrete = fn.get_concrete_function(x)
+    read = {id(v.handle) for v in model.variables} & {
+        id(c) for c in concrete.captured_inputs}
+    substituted = fn(x).numpy()
+    const = tf.function(with_constant_weights(model, nelbo, substitutes))(x)
+    for v, value in zip(variables, own):
+        np.testing.assert_array_equal(v.numpy(), value)
+    assert read  # the other weights are still variables
+    try:
+        for v, value in zip(variables, new):
+            v.assign(value)
+        expected = tf.function(nelbo)(x).numpy()
+    finally:
+        for v, value in zip(variables, own):
+            v.assign(value)
+    assert not np.allclose(expected, tf.function(nelbo)(x).numpy())
+    np.testing.assert_allclose(substituted, expected, rtol=RTOL)
+    np.testing.assert_allclose(const, expected, rtol=RTOL)
+
+
+def test_substituted_variable_assigned_is_refused(model):
+    counter = int(model.noise_counter.numpy())
+    fn = tf.function(constant_weights.with_substituted_weights(
+        lambda x: model(x, training=False).nelbo,
+        [(model.noise_counter, np.asarray(counter, np.int64))]))
+    with pytest.raises(ValueError, match="noise_counter.*explicit seed"):
+        fn(_images(model))
+    assert int(model.noise_counter.numpy()) == counter
