@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -98,3 +99,15 @@ def final_nelbo(log: str) -> float:
     match = re.findall(r"Test NELBO ([0-9.]+) nats", log)
     assert match, f"no final 'Test NELBO' line in the log:\n{log[-3000:]}"
     return float(match[-1])
+
+
+def free_ports(count):
+    """`count` TCP ports on 127.0.0.1 that were free a moment ago (for the
+    workers of a local multi-worker cluster)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

@@ -10,7 +10,6 @@ from the start: no balancing) to compare like with like.
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 
@@ -65,21 +64,11 @@ def test_two_logical_cpus_match_one_device(tmp_path):
     _compare(one, two)
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_workers_end_with_identical_weights(tmp_path):
     data = train_helpers.make_image_folder(str(tmp_path / "images"))
     model_dir = str(tmp_path / "multi")
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in train_helpers.free_ports(2)]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers},

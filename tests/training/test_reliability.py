@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -306,18 +305,8 @@ def test_five_kills_then_rerun_end_as_the_uninterrupted_run(
 
 
 # ----------------------------------------------------------- multi-worker
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(flags, log_prefix):
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in train_helpers.free_ports(2)]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers},
