@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from nvae_tf.datasets import MAX_PIXEL
+from nvae_tf.serving import inference
 
 GRID_PADDING = 2  # pixels between tiles, as torchvision's make_grid
 GRID_PAD_VALUE = MAX_PIXEL  # white borders: visible on MNIST's black ground
@@ -35,7 +36,7 @@ def to_uint8(images) -> np.ndarray:
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"Expected float images in [0, 1] or uint8, got "
                         f"dtype {images.dtype}.")
-    return np.round(np.clip(images, 0.0, 1.0) * MAX_PIXEL).astype(np.uint8)
+    return inference.images_to_uint8(images).numpy()
 
 
 def grid_layout(num_images: int, columns: int | None = None
