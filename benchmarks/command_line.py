@@ -18,8 +18,8 @@ import sys
 from absl import flags
 
 from nvae_tf import cli
+from nvae_tf.training.config import MIXED_PRECISION
 
-MIXED_PRECISION = ("none", "bfloat16", "float16")
 _FLAGFILE_FLAGS = ("--flagfile", "-flagfile")
 
 
@@ -90,20 +90,15 @@ def define_shared_flags(flag_values: flags.FlagValues, config_default,
 
 
 def flagfile_as_config(args: list[str]) -> list[str]:
-    """`args` (no program name) with `--flagfile=F` / `--flagfile F` as
-    `--config=F`; arguments after `--` are left alone."""
-    rewritten = []
-    remaining = iter(args)
-    for arg in remaining:
-        if arg == "--":
-            rewritten.append(arg)
-            rewritten.extend(remaining)
-            break
+    """`args` (no program name) with `--flagfile` renamed `--config` (both
+    `--flagfile=F` and `--flagfile F`); arguments after `--` are left alone."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)
+    for i, arg in enumerate(args[:end]):
         name, equals, value = arg.partition("=")
         if name in _FLAGFILE_FLAGS:
-            arg = f"--config={value if equals else next(remaining, '')}"
-        rewritten.append(arg)
-    return rewritten
+            args[i] = f"--config{equals}{value}"
+    return args
 
 
 def options(cls, flag_values: flags.FlagValues, **derived):
@@ -115,24 +110,30 @@ def options(cls, flag_values: flags.FlagValues, **derived):
     return cls(**values, **derived)
 
 
-def check_no_arguments(argv: list[str]) -> None:
-    """Raises `cli.UserError` if absl left arguments that are not flags."""
+def read(options_class, argv: list[str]):
+    """`options_class.from_flags(FLAGS)` in an absl `main(argv)`.
+
+    Raises:
+      cli.UserError: absl left arguments that are not flags.
+    """
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {' '.join(argv[1:])}: "
                             "every argument is a --flag (--helpshort lists "
                             "them).")
+    return options_class.from_flags(flags.FLAGS)
 
 
-def parse(define, args, program: str) -> flags.FlagValues:
-    """`args` (no program name) parsed into new FlagValues with `define`.
+def parse(options_class, define, args, program: str):
+    """`args` (no program name) parsed into new FlagValues with `define`,
+    as `options_class.from_flags` of them.
 
     A bad value is one line on stderr and exit `cli.EXIT_USER_ERROR`, as on
     the command line.
     """
     values = flags.FlagValues()
     define(values)
-    cli.parse_flags([program] + flagfile_as_config(list(args)), values)
-    return values
+    cli.parse_flags([program] + flagfile_as_config(args), values)
+    return options_class.from_flags(values)
 
 
 def run(main, define, argv: list[str], *help_modules) -> None:

@@ -185,16 +185,13 @@ class Options:
 
 
 def parse_args(argv=()) -> Options:
-    """The options of a command line `argv` (without the program name); a
-    bad value is one line on stderr and exit `nvae_tf.cli.EXIT_USER_ERROR`."""
-    return Options.from_flags(
-        command_line.parse(define_flags, argv, "benchmarks.memory"))
+    """As `benchmarks.bench.parse_args`, for this command's flags."""
+    return command_line.parse(Options, define_flags, argv, __name__)
 
 
 def main(argv):
     """absl main: the memory report with absl's FLAGS (`define_flags`)."""
-    command_line.check_no_arguments(argv)
-    args = Options.from_flags(flags.FLAGS)
+    args = command_line.read(Options, argv)
     if args.worker:
         print(json.dumps(measure(args.configs[0], args.batch_size,
                                  args.remats[0], args.mixed_precision,
