@@ -49,8 +49,18 @@ class NVAEHyperModel(kt.HyperModel):
     def config(self, hp) -> NVAEConfig:
         return space_lib.sample_config(hp, self.space, self.base_config)
 
+    def recipe(self, hp) -> dict:
+        """The searched recipe flags' values (learning rate, ...)."""
+        return space_lib.sample_recipe(hp, self.space)
+
+    def training_flags(self, hp) -> list[str]:
+        """The trial's searched architecture and recipe as trainer flags."""
+        return space_lib.training_flags(self.config(hp), self.space,
+                                        self.recipe(hp))
+
     def build(self, hp):
         from nvae_tf.model import NVAE  # noqa: E501 pylint: disable=import-outside-toplevel
+        self.recipe(hp)  # registers the recipe's hyper-parameters too
         model = NVAE(self.config(hp))
         model.build()
         return model
@@ -71,7 +81,7 @@ class NVAETuner(kt.Tuner):
     def __init__(self, oracle, hypermodel, trainer_flags, max_params=0,
                  **kwargs):
         super().__init__(oracle, hypermodel=hypermodel, **kwargs)
-        searched = set(space_lib.searched_fields(hypermodel.space))
+        searched = set(space_lib.searched_flags(hypermodel.space))
         # The trial's values replace the search's own values of those flags.
         self.trainer_flags = [
             line for line in trainer_flags
@@ -82,9 +92,9 @@ class NVAETuner(kt.Tuner):
     def trial_dir(self, trial_id) -> str:
         return os.path.join(self.project_dir, f"trial_{trial_id}")
 
-    def trial_flags(self, trial, config) -> list[str]:
+    def trial_flags(self, trial) -> list[str]:
         hp = trial.hyperparameters
-        extra = space_lib.training_flags(config, self.hypermodel.space)
+        extra = self.hypermodel.training_flags(hp)
         if "tuner/epochs" in hp.values:  # Hyperband's budget for this trial
             extra.append(f"--epochs={hp.values['tuner/epochs']}")
         # The test split stays unread; exports stay inside the search.
@@ -100,7 +110,6 @@ class NVAETuner(kt.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         start = time.time()
-        config = self.hypermodel.config(trial.hyperparameters)
         params = self.hypermodel.build(trial.hyperparameters).num_parameters()
         info = {"trial_id": trial.trial_id, "params": params,
                 "hyperparameters": dict(trial.hyperparameters.values)}
@@ -113,7 +122,7 @@ class NVAETuner(kt.Tuner):
                 f"trial {trial.trial_id}: {params:,} parameters exceed "
                 f"--max_params={self.max_params:,}; rejected without "
                 "training.")
-        flags = self.trial_flags(trial, config) + [f"--model_dir={model_dir}"]
+        flags = self.trial_flags(trial) + [f"--model_dir={model_dir}"]
         command = [sys.executable, "-m", "nvae_tf.train", *flags]
         logging.info("Trial %s: %s", trial.trial_id, " ".join(command[3:]))
         process = subprocess.run(command, capture_output=True, text=True,
