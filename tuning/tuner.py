@@ -23,7 +23,7 @@ from absl import logging
 
 from nvae_tf.config import NVAEConfig
 from nvae_tf.data import VALIDATION_SPLIT
-from nvae_tf.training.log import EVAL_HISTORY_FILE
+from nvae_tf.training.log import EVAL_HISTORY_FILE, read_eval_history
 from tuning import space as space_lib
 
 TRIAL_INFO_FILE = "trial_info.json"
@@ -157,17 +157,14 @@ class NVAETuner(kt.Tuner):
 
 def read_validation_score(model_dir) -> dict:
     """The last validation-split evaluation the trainer recorded in
-    `model_dir` (test-split records are never read)."""
-    path = os.path.join(model_dir, EVAL_HISTORY_FILE)
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    validation = [r for r in records if r.get("split") == VALIDATION_SPLIT]
+    `model_dir` (test-split records are ignored)."""
+    validation = [r for r in read_eval_history(model_dir)
+                  if r["split"] == VALIDATION_SPLIT]
     if not validation:
         raise kt.errors.FailedTrialError(
-            f"{path} holds no validation evaluation: the trainer finished "
-            "without one (is --validation_fraction > 0?).")
+            f"{os.path.join(model_dir, EVAL_HISTORY_FILE)} holds no "
+            "validation evaluation: the trainer finished without one (is "
+            "--validation_fraction > 0?).")
     return max(validation, key=lambda r: r["step"])
 
 
