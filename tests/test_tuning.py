@@ -240,3 +240,51 @@ def test_trial_flags_round_trip_through_the_trainer_flags():
            space_lib.training_flags(config, space_lib.DEFAULT_SPACE))
     parsed = nvae_flags.from_flags(values).model
     assert parsed == config
+
+
+def test_recipe_flags_are_searched_and_round_trip_through_the_trainer():
+    """The learning rate and batch size of a space reach the trial's trainer
+    flags and parse back to the experiment's values; a log-scale float range
+    stays inside its bounds."""
+    import keras_tuner as kt
+    from absl import flags
+
+    from nvae_tf.config import NVAEConfig
+    from nvae_tf.training import flags as nvae_flags
+    from tuning import space as space_lib
+    from tuning import tuner as tuner_lib
+
+    space = {"num_channels_enc": [8, 16],
+             "learning_rate": {"min": 1e-3, "max": 2e-2, "sampling": "log"},
+             "batch_size": [32, 64]}
+    space_lib.validate_space(space)
+    base = NVAEConfig(dataset="fashion_mnist", num_latent_scales=1,
+                      num_groups_per_scale=2, num_preprocess_blocks=1,
+                      num_postprocess_blocks=1)
+    hypermodel = tuner_lib.NVAEHyperModel(base, space)
+    hp = kt.HyperParameters()
+    hypermodel.build(hp)  # registers every searched name, recipe included
+    assert set(hp.values) == {"num_channels_enc", "learning_rate",
+                              "batch_size"}
+    assert 1e-3 <= hp.values["learning_rate"] <= 2e-2
+    hp.values.update(num_channels_enc=16, learning_rate=0.004, batch_size=32)
+    lines = hypermodel.training_flags(hp)
+    assert sorted(space_lib.searched_flags(space)) == sorted(space)
+    values = flags.FlagValues()
+    nvae_flags.define_flags(values)
+    values(["prog", "--dataset=fashion_mnist", "--num_latent_scales=1",
+            "--num_groups_per_scale=2", "--num_preprocess_blocks=1",
+            "--num_postprocess_blocks=1", "--learning_rate=0.5",
+            "--batch_size=8", *lines])  # the trial's values come last: win
+    experiment = nvae_flags.from_flags(values)
+    assert experiment.train.learning_rate == 0.004
+    assert experiment.data.batch_size == 32
+    assert experiment.model.num_channels_enc == 16
+
+
+def test_search_space_names_must_be_config_fields_or_recipe_flags():
+    from tuning import space as space_lib
+
+    space_lib.validate_space({"learning_rate": [1e-3, 1e-2]})
+    with pytest.raises(ValueError, match="'momentum' is neither"):
+        space_lib.validate_space({"momentum": [0.9]})

@@ -88,7 +88,7 @@ def make_oracle(objective, config_flags):
         factor=config_flags.hyperband_factor, **common)
 
 
-def write_results(tuner, space) -> dict:
+def write_results(tuner) -> dict:
     """Writes results.{csv,json} and best.cfg; returns the best row."""
     rows = tuner_lib.results_table(tuner)
     project_dir = tuner.project_dir
@@ -110,11 +110,11 @@ def write_results(tuner, space) -> dict:
                            f"trial_info.json files in {project_dir}.")
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = next(r for r in rows if r["trial"] == best_trial.trial_id)
-    config = tuner.hypermodel.config(best_trial.hyperparameters)
+    hp = best_trial.hyperparameters
     lines = ([f"# Best of {len(completed)} completed trials "
               f"(trial {best['trial']}, {tuner.oracle.objective.name} = "
               f"{best['objective']:.5f}, {best['params']:,} parameters)."]
-             + tuner.trainer_flags + space_lib.training_flags(config, space) +
+             + tuner.trainer_flags + tuner.hypermodel.training_flags(hp) +
              [f"--model_dir={os.path.join(project_dir, 'best_run')}"])
     with open(os.path.join(project_dir, "best.cfg"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -159,7 +159,7 @@ def main(argv):
     if os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief":
         logging.info("Worker %s done.", os.environ["KERASTUNER_TUNER_ID"])
         return
-    best = write_results(tuner, space)
+    best = write_results(tuner)
     print_table(tuner_lib.results_table(tuner), tuner.oracle.objective.name)
     print(f"Best trial {best['trial']}: {best['objective']:.5f}; flagfile "
           f"{os.path.join(tuner.project_dir, 'best.cfg')}")

@@ -23,7 +23,7 @@ from absl import logging
 
 from nvae_tf.config import NVAEConfig
 from nvae_tf.data import VALIDATION_SPLIT
-from nvae_tf.training.log import EVAL_HISTORY_FILE
+from nvae_tf.training.log import EVAL_HISTORY_FILE, read_eval_history
 from tuning import space as space_lib
 
 TRIAL_INFO_FILE = "trial_info.json"
@@ -49,8 +49,18 @@ class NVAEHyperModel(kt.HyperModel):
     def config(self, hp) -> NVAEConfig:
         return space_lib.sample_config(hp, self.space, self.base_config)
 
+    def recipe(self, hp) -> dict:
+        """The searched recipe flags' values (learning rate, ...)."""
+        return space_lib.sample_recipe(hp, self.space)
+
+    def training_flags(self, hp) -> list[str]:
+        """The trial's searched architecture and recipe as trainer flags."""
+        return space_lib.training_flags(self.config(hp), self.space,
+                                        self.recipe(hp))
+
     def build(self, hp):
         from nvae_tf.model import NVAE  # noqa: E501 pylint: disable=import-outside-toplevel
+        self.recipe(hp)  # registers the recipe's hyper-parameters too
         model = NVAE(self.config(hp))
         model.build()
         return model
@@ -71,7 +81,7 @@ class NVAETuner(kt.Tuner):
     def __init__(self, oracle, hypermodel, trainer_flags, max_params=0,
                  **kwargs):
         super().__init__(oracle, hypermodel=hypermodel, **kwargs)
-        searched = set(space_lib.searched_fields(hypermodel.space))
+        searched = set(space_lib.searched_flags(hypermodel.space))
         # The trial's values replace the search's own values of those flags.
         self.trainer_flags = [
             line for line in trainer_flags
@@ -82,9 +92,9 @@ class NVAETuner(kt.Tuner):
     def trial_dir(self, trial_id) -> str:
         return os.path.join(self.project_dir, f"trial_{trial_id}")
 
-    def trial_flags(self, trial, config) -> list[str]:
+    def trial_flags(self, trial) -> list[str]:
         hp = trial.hyperparameters
-        extra = space_lib.training_flags(config, self.hypermodel.space)
+        extra = self.hypermodel.training_flags(hp)
         if "tuner/epochs" in hp.values:  # Hyperband's budget for this trial
             extra.append(f"--epochs={hp.values['tuner/epochs']}")
         # The test split stays unread; exports stay inside the search.
@@ -100,7 +110,6 @@ class NVAETuner(kt.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         start = time.time()
-        config = self.hypermodel.config(trial.hyperparameters)
         params = self.hypermodel.build(trial.hyperparameters).num_parameters()
         info = {"trial_id": trial.trial_id, "params": params,
                 "hyperparameters": dict(trial.hyperparameters.values)}
@@ -113,7 +122,7 @@ class NVAETuner(kt.Tuner):
                 f"trial {trial.trial_id}: {params:,} parameters exceed "
                 f"--max_params={self.max_params:,}; rejected without "
                 "training.")
-        flags = self.trial_flags(trial, config) + [f"--model_dir={model_dir}"]
+        flags = self.trial_flags(trial) + [f"--model_dir={model_dir}"]
         command = [sys.executable, "-m", "nvae_tf.train", *flags]
         logging.info("Trial %s: %s", trial.trial_id, " ".join(command[3:]))
         process = subprocess.run(command, capture_output=True, text=True,
@@ -148,17 +157,14 @@ class NVAETuner(kt.Tuner):
 
 def read_validation_score(model_dir) -> dict:
     """The last validation-split evaluation the trainer recorded in
-    `model_dir` (test-split records are never read)."""
-    path = os.path.join(model_dir, EVAL_HISTORY_FILE)
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    validation = [r for r in records if r.get("split") == VALIDATION_SPLIT]
+    `model_dir` (test-split records are ignored)."""
+    validation = [r for r in read_eval_history(model_dir)
+                  if r["split"] == VALIDATION_SPLIT]
     if not validation:
         raise kt.errors.FailedTrialError(
-            f"{path} holds no validation evaluation: the trainer finished "
-            "without one (is --validation_fraction > 0?).")
+            f"{os.path.join(model_dir, EVAL_HISTORY_FILE)} holds no "
+            "validation evaluation: the trainer finished without one (is "
+            "--validation_fraction > 0?).")
     return max(validation, key=lambda r: r["step"])
 
 

@@ -150,6 +150,24 @@ class RunProgress:
             self._width = 0
 
 
+def read_eval_history(model_dir: str) -> list[dict]:
+    """The evaluations recorded in MODEL_DIR/eval_history.jsonl, by step.
+
+    A run resumed after an evaluation but before its checkpoint repeats that
+    evaluation; the later record of a (split, step) wins.
+    """
+    path = os.path.join(model_dir, EVAL_HISTORY_FILE)
+    if not tf.io.gfile.exists(path):
+        return []
+    records = {}
+    with tf.io.gfile.GFile(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                records[(record["split"], record["step"])] = record
+    return sorted(records.values(), key=lambda r: (r["step"], r["split"]))
+
+
 class TrainLog:
     """Progress, TensorBoard summaries and evaluation records of a run.
 
