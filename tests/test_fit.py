@@ -278,6 +278,7 @@ def _run_fit(backup, kill_after):
     return proc.returncode, proc.stdout.split("\n")
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_a_killed_fit(tmp_path):
     backup = str(tmp_path / "backup")
     code, lines = _run_fit(backup, kill_after=2)
