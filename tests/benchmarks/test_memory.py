@@ -12,7 +12,10 @@ from nvae_tf import cli
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 TIMEOUT = 900
-STATE_TOLERANCE = 0.01
+# Identical builds differ by up to ~30 kB of small tensors the runtime
+# keeps alive between steps (seen on the tiny config: 2237952-2265856 bytes
+# for the same mode). A second copy of the weights would add ~600 kB.
+STATE_TOLERANCE_BYTES = 64 * 2 ** 10
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -80,10 +83,10 @@ def test_report_of_a_step_adds_up():
         assert result["step_bytes_per_image"] == result["step_bytes"] // 4
         assert result["step_s"] > 0 and result["peak_rss_mb"] > 500
     assert (plain["remat"], cells["remat"]) == ("none", "cells")
-    # The same model and optimizer: the same state, up to a few small
-    # tensors the runtime keeps (a few kB).
+    # The same model and optimizer: the same state, up to the small
+    # tensors the runtime keeps.
     assert abs(plain["state_bytes"] - cells["state_bytes"]) <= \
-        STATE_TOLERANCE * plain["state_bytes"]
+        STATE_TOLERANCE_BYTES
 
 
 def test_run_eagerly_reaches_the_worker():
