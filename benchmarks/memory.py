@@ -26,7 +26,10 @@ the step: an estimate from the allocator's bytes, not a GPU measurement (CUDA
 kernels need workspace of their own, cuDNN more). The worker's peak RSS
 (`peak_rss_mb`) and the median wall and process CPU time of the steps after
 the first (`step_s`, `step_cpu_s`; CPU time is the steadier figure on a
-shared machine) are reported too. One JSON line
+shared machine) are reported too, and the peak RSS before the first step
+(`built_rss_mb`: TensorFlow's libraries, the model and its optimizer state),
+which recomputation cannot lower: the rest of `peak_rss_mb` is the first
+step's (tracing, the graph's runtime, the step's tensors). One JSON line
 per run with `--json`, else a table.
 """
 
@@ -71,6 +74,7 @@ def measure(config_name: str, batch_size: int | None, remat: str,
         config, batch, objective, constant_weights=False, remat=remat,
         run_eagerly=run_eagerly)
     x = tf.constant(bench._synthetic_batch(config, batch, bench.SEED))
+    built_rss_mb = bench._peak_rss_mb()
     state = tf.config.experimental.get_memory_info(device)["current"]
     params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     variable_bytes = sum(
@@ -99,7 +103,8 @@ def measure(config_name: str, batch_size: int | None, remat: str,
         if steps > 1 else None,
         "step_cpu_s": round(statistics.median(cpu_times[1:]), 4)
         if steps > 1 else None,
-        "steps": steps, "peak_rss_mb": round(bench._peak_rss_mb(), 1),
+        "steps": steps, "built_rss_mb": round(built_rss_mb, 1),
+        "peak_rss_mb": round(bench._peak_rss_mb(), 1),
         "tf_version": tf.__version__,
     }
 
@@ -131,7 +136,7 @@ def run(args, config_name: str, remat: str) -> dict:
 def print_table(results: list):
     header = (f"{'config':28s} {'batch':>5s} {'remat':>6s} {'params':>9s} "
               f"{'state MB':>9s} {'step MB':>9s} {'MB/image':>9s} "
-              f"{'peak MB':>9s} {'RSS MB':>8s} {'step s':>8s}")
+              f"{'peak MB':>9s} {'RSS MB':>8s} {'(built)':>8s} {'step s':>8s}")
     print(header)
     for r in results:
         step_s = r["step_s"] if r["step_s"] is not None else \
@@ -141,11 +146,12 @@ def print_table(results: list):
               f"{r['state_bytes'] / MB:>9.0f} {r['step_bytes'] / MB:>9.0f} "
               f"{r['step_bytes_per_image'] / MB:>9.1f} "
               f"{r['peak_bytes'] / MB:>9.0f} {r['peak_rss_mb']:>8.0f} "
+              f"{r['built_rss_mb']:>8.0f} "
               f"{step_s:>8}")
     print("state: weights, optimizer slots, input; step: activations, "
           "gradients, temporaries of one step (TensorFlow's allocator; a "
-          "GPU estimate, not a GPU measurement). * first step, with "
-          "tracing.")
+          "GPU estimate, not a GPU measurement); RSS: the process's peak, "
+          "(built): before the first step. * first step, with tracing.")
 
 
 def _remat_problem(mode: str) -> str | None:

@@ -81,7 +81,8 @@ def test_report_of_a_step_adds_up():
         assert result["state_bytes"] >= result["variable_bytes"] > 0
         assert result["step_bytes"] > 0
         assert result["step_bytes_per_image"] == result["step_bytes"] // 4
-        assert result["step_s"] > 0 and result["peak_rss_mb"] > 500
+        assert result["step_s"] > 0
+        assert result["peak_rss_mb"] > result["built_rss_mb"] > 500
     assert (plain["remat"], cells["remat"]) == ("none", "cells")
     # The same model and optimizer: the same state, up to the small
     # tensors the runtime keeps.
