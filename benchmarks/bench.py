@@ -3,6 +3,9 @@
     python -m benchmarks.bench [--config=mnist-small|cifar-small|FLAGFILE]
         [--batch_size=N] [--steps=20] [--warmup=2] [--repeats=3] [--json]
 
+The flags are absl's (`--helpshort` lists them; a bad value is one line
+naming the flag, `--verbosity=1` shows the traceback of an error).
+
 For every config and repeat a fresh Python process builds the model and
 times (`--steps` calls after `--warmup` untimed ones, the first of which
 traces and optimises the graph) each of three `tf.function`s:
@@ -40,7 +43,9 @@ function's multiply-adds (`*_gmacs`, `benchmarks.multiply_adds`) divided by
 the fastest float32 multiply-add rate the workers measure
 (`peak_gmacs_per_s`) give its arithmetic floor (`*_bound_s`): the time no
 setting can beat without changing the arithmetic. A FLAGFILE is a trainer
-flagfile (`configs/*.cfg`), read with `nvae_tf.training.flags`. `--jit_compile` and
+flagfile (`configs/*.cfg`, a path or a packaged name as in
+`--flagfile=NAME`), read with `nvae_tf.training.flags`; `--flagfile=F` is
+`--config=F` here (`benchmarks.command_line`). `--jit_compile` and
 `--mixed_precision` measure the alternatives to the default float32,
 non-XLA path, `--remat=cells|groups` the training step with recomputation
 (`NVAE(remat=...)`). `--grappler=default` optimises the graphs with all of
@@ -52,7 +57,6 @@ training step; its flags). See docs/performance.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -63,7 +67,11 @@ import sys
 import tempfile
 import time
 
+from absl import flags
+
+from benchmarks import command_line
 from benchmarks import multiply_adds
+from nvae_tf import flagfiles
 from nvae_tf.fast import inference_shards
 from nvae_tf.fast.inference_shards import configure_shard_threads, resolve_shards
 from nvae_tf.config import NVAEConfig
@@ -134,24 +142,38 @@ def resolve_config(name: str, batch_size: int | None = None):
     length is `TOTAL_STEPS`, so the timed steps are inside the KL warm-up.
     """
     from nvae_tf import objectives
+    problem = config_problem(name)
+    if problem:
+        raise ValueError(f"--config: {problem}")
     if name in PRESETS:
         config, default_batch = PRESETS[name]
         objective = objectives.ObjectiveConfig(
             total_steps=TOTAL_STEPS, weight_decay_norm=WEIGHT_DECAY_NORM)
-    elif os.path.exists(name):
-        config, default_batch, objective = _config_from_flagfile(name)
-        objective = dataclasses.replace(objective, total_steps=TOTAL_STEPS)
     else:
-        raise ValueError(f"--config={name!r}: expected one of "
-                         f"{', '.join(PUBLIC_PRESETS)} or a flagfile path.")
+        config, default_batch, objective = _config_from_flagfile(
+            flagfiles.resolve(name))
+        objective = dataclasses.replace(objective, total_steps=TOTAL_STEPS)
     return config, batch_size or default_batch, objective
+
+
+def config_problem(name: str) -> str | None:
+    """What is wrong with a config name, or None: a preset, a flagfile path
+    or a packaged flagfile's name (`nvae_tf.flagfiles.resolve`)."""
+    if name in PRESETS:
+        return None
+    try:
+        flagfiles.resolve(name)
+        return None
+    except flagfiles.FlagfileError:
+        return (f"{name!r} is neither a preset ({', '.join(PUBLIC_PRESETS)})"
+                f", a file, nor a packaged flagfile "
+                f"({', '.join(flagfiles.available())})")
 
 
 def _config_from_flagfile(path: str):
     """Model, global batch size and objective of a trainer flagfile."""
-    from absl import flags as absl_flags
     from nvae_tf.training import flags as nvae_flags
-    values = absl_flags.FlagValues()
+    values = flags.FlagValues()
     nvae_flags.define_flags(values)
     values(["benchmarks.bench", f"--flagfile={path}"])
     experiment = nvae_flags.from_flags(values)
@@ -311,8 +333,9 @@ def _wait_for_turn(sync_dir: str, index: int):
         time.sleep(POLL_SECONDS)
 
 
-def run_worker(args) -> dict:
-    """One repeat in this process; returns a dict of its measurements.
+def run_worker(args: Options, config_name: str) -> dict:
+    """One repeat of `config_name` in this process; returns a dict of its
+    measurements.
 
     Setup (build, trace and first call of each function) may overlap with
     other workers' setup; with `--sync_dir` the worker then waits until the
@@ -336,7 +359,7 @@ def run_worker(args) -> dict:
         import keras
         keras.mixed_precision.set_global_policy(
             f"mixed_{args.mixed_precision}")
-    config, batch_size, objective = resolve_config(args.config,
+    config, batch_size, objective = resolve_config(config_name,
                                                    args.batch_size)
     tf.random.set_seed(SEED)
     set_grappler_options(GRAPPLER[args.grappler])
@@ -350,7 +373,7 @@ def run_worker(args) -> dict:
         remat=args.remat)
     x = tf.constant(_synthetic_batch(config, batch_size, SEED))
     rss_stages["build"] = _peak_rss_mb()
-    result = {"config": args.config, "batch_size": batch_size,
+    result = {"config": config_name, "batch_size": batch_size,
               "params": model.num_parameters(),
               "build_s": time.perf_counter() - start}
     calls = itertools.count()
@@ -614,98 +637,106 @@ def _print_table(summary: dict):
           f"on this machine; floor = the function's multiply-adds at it)")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config", action="append",
-        help="preset (mnist-small, cifar-small) or trainer flagfile; may be "
-             "repeated or comma-separated (default: both presets)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="override the preset's batch size")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="timed calls of each function per repeat")
-    parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed calls first (the first one traces)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="fresh processes per config")
-    parser.add_argument("--intra_op_threads", type=int, default=None,
-                        help="tf.config.threading intra-op threads "
-                             "(default: TF's choice)")
-    parser.add_argument("--inter_op_threads", type=int, default=None,
-                        help="tf.config.threading inter-op threads")
-    parser.add_argument(
-        "--inference_shards", type=int, default=0,
-        help="batch shards of eval and sample, timed in a second process "
-             "with 1 intra-op thread and this many inter-op threads; 0 "
-             "(default): one per CPU core; 1: one process for everything, "
-             "unsharded, with the thread flags above")
-    parser.add_argument("--jit_compile", action="store_true",
-                        help="compile the timed functions with XLA")
-    parser.add_argument("--mixed_precision", default="none",
-                        choices=("none", "bfloat16", "float16"),
-                        help="Keras mixed-precision policy of the model")
-    parser.add_argument(
-        "--grappler", default="lean", choices=tuple(GRAPPLER),
-        help="Grappler passes of the timed functions: 'lean' (default; "
-             "faster setup, same step time) or TensorFlow's 'default'")
-    parser.add_argument(
-        "--remat", default="none", choices=REMAT_MODES,
-        help="recompute the training step's residual cells in its backward "
-             "pass (NVAE(remat=...)): less memory, more time")
-    parser.add_argument(
-        "--weights", default="constant", choices=("constant", "variables"),
-        help="eval and sample read the weights as graph 'constant's "
-             "(default, as python -m nvae_tf.evaluate does: weight-only "
-             "tensors are folded once) or from 'variables' (recomputed "
-             "every call)")
-    parser.add_argument(
-        "--parallel_setup", type=int, default=3,
-        help="repeats whose (untimed) build and compilation may run at the "
-             "same time; timed calls always run one worker at a time")
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON object per config per line")
-    parser.add_argument("--worker", action="store_true",
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--sync_dir", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--phase", default="all", choices=tuple(PHASES),
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    names = []
-    for item in args.config or list(PUBLIC_PRESETS):
-        names += [n for n in item.split(",") if n]
-    args.configs = names
-    for value, name in ((args.steps, "steps"), (args.repeats, "repeats"),
-                        (args.parallel_setup, "parallel_setup")):
-        if value < 1:
-            parser.error(f"--{name}={value}: expected >= 1")
-    if args.inference_shards < 0:
-        parser.error(f"--inference_shards={args.inference_shards}: expected "
-                     ">= 0 (0: one per CPU core)")
-    args.inference_shards = resolve_shards(args.inference_shards)
-    if args.warmup < 1:
-        parser.error(f"--warmup={args.warmup}: expected >= 1 (the first "
-                     "call traces)")
-    for name in names:
-        if name not in PRESETS and not os.path.exists(name):
-            parser.error(f"--config={name!r}: expected one of "
-                         f"{', '.join(PUBLIC_PRESETS)} or a flagfile path")
-    return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the benchmark's flags on `flag_values` (absl's FLAGS)."""
+    fv = dict(flag_values=flag_values)
+    command_line.define_shared_flags(
+        flag_values, ",".join(PUBLIC_PRESETS),
+        "Preset (mnist-small, cifar-small) or trainer flagfile")
+    flags.DEFINE_integer("steps", 20,
+                         "Timed calls of each function per repeat.",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first one "
+                         "traces, so at least 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("repeats", 3, "Fresh processes per config.",
+                         lower_bound=1, **fv)
+    flags.DEFINE_integer("intra_op_threads", None,
+                         "tf.config.threading intra-op threads (default: "
+                         "TF's choice).", lower_bound=0, **fv)
+    flags.DEFINE_integer("inter_op_threads", None,
+                         "tf.config.threading inter-op threads.",
+                         lower_bound=0, **fv)
+    flags.DEFINE_integer(
+        "inference_shards", 0,
+        "Batch shards of eval and sample, timed in a second process with 1 "
+        "intra-op thread and this many inter-op threads; 0: one per CPU "
+        "core; 1: one process for everything, unsharded, with the thread "
+        "flags above.", lower_bound=0, **fv)
+    flags.DEFINE_bool("jit_compile", False,
+                      "Compile the timed functions with XLA.", **fv)
+    flags.DEFINE_enum("grappler", "lean", list(GRAPPLER),
+                      "Grappler passes of the timed functions: 'lean' "
+                      "(faster setup, same step time) or TensorFlow's "
+                      "'default'.", **fv)
+    flags.DEFINE_enum("remat", "none", list(REMAT_MODES),
+                      "Recompute the training step's residual cells in its "
+                      "backward pass (NVAE(remat=...)): less memory, more "
+                      "time.", **fv)
+    flags.DEFINE_enum("weights", "constant", ["constant", "variables"],
+                      "Eval and sample read the weights as graph 'constant's "
+                      "(as python -m nvae_tf.evaluate does: weight-only "
+                      "tensors are folded once) or from 'variables' "
+                      "(recomputed every call).", **fv)
+    flags.DEFINE_integer("parallel_setup", 3,
+                         "Repeats whose (untimed) build and compilation may "
+                         "run at the same time; timed calls always run one "
+                         "worker at a time.", lower_bound=1, **fv)
+    flags.DEFINE_string("sync_dir", None, "Internal: the folder where a "
+                        "worker waits for its turn to time.", **fv)
+    flags.DEFINE_integer("index", 0, "Internal: the worker's number in "
+                         "--sync_dir.", **fv)
+    flags.DEFINE_enum("phase", "all", list(PHASES),
+                      "Internal: what the worker times.", **fv)
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--memory" in argv:
-        from benchmarks import memory
-        argv.remove("--memory")
-        memory.main(argv)
-        return
-    args = parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The benchmark's flags (`define_flags`), read once by `from_flags`.
+
+    `configs` are the `--config` names; `inference_shards` is resolved (0:
+    one per CPU core).
+    """
+
+    configs: tuple[str, ...]
+    batch_size: int | None
+    steps: int
+    warmup: int
+    repeats: int
+    intra_op_threads: int | None
+    inter_op_threads: int | None
+    inference_shards: int
+    jit_compile: bool
+    mixed_precision: str
+    grappler: str
+    remat: str
+    weights: str
+    parallel_setup: int
+    json: bool
+    worker: bool
+    sync_dir: str | None
+    index: int
+    phase: str
+
+    @classmethod
+    def from_flags(cls, flag_values: flags.FlagValues) -> Options:
+        return command_line.options(
+            cls, flag_values,
+            configs=command_line.config_names(flag_values.config),
+            inference_shards=resolve_shards(flag_values.inference_shards))
+
+
+def parse_args(argv=()) -> Options:
+    """The options of a command line `argv` (without the program name); a
+    bad value is one line on stderr and exit `nvae_tf.cli.EXIT_USER_ERROR`."""
+    return command_line.parse(Options, define_flags, argv,
+                              "benchmarks.bench")
+
+
+def main(argv):
+    """absl main: runs the benchmark with absl's FLAGS (`define_flags`)."""
+    args = command_line.read(Options, argv)
     if args.worker:
-        args.config = args.configs[0]
-        print(json.dumps(run_worker(args)), flush=True)
+        print(json.dumps(run_worker(args, args.configs[0])), flush=True)
         return
     for name in args.configs:
         summary = run_repeats(args, name)
@@ -715,5 +746,17 @@ def main(argv=None):
             _print_table(summary)
 
 
+def cli(argv=None):
+    """Entry point of `python -m benchmarks.bench`; `--memory` runs
+    `python -m benchmarks.memory` with the other arguments."""
+    argv = list(sys.argv if argv is None else argv)
+    if "--memory" in argv[1:]:
+        from benchmarks import memory
+        argv.remove("--memory")
+        memory.cli(argv)
+        return
+    command_line.run(main, define_flags, argv)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

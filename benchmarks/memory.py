@@ -3,8 +3,9 @@
     python -m benchmarks.memory --config=configs/cifar10.cfg --batch_size=1
         [--remat=none,cells] [--mixed_precision=float16] [--steps=3] [--json]
 
-(`--flagfile=F` is `--config=F`; `python -m benchmarks.bench --memory ...`
-runs this.) For every config and `--remat` mode a fresh process builds the
+(`--flagfile=F` is `--config=F`, a trainer flagfile by path or packaged
+name, see `benchmarks.command_line`; `python -m benchmarks.bench --memory
+...` runs this; the flags are absl's, `--helpshort` lists them.) For every config and `--remat` mode a fresh process builds the
 model and its Adamax state as the trainer does, runs the training step of
 the benchmark (`benchmarks.bench.build_functions`: forward, the full
 objective, backward, update) `--steps` times on a synthetic batch, and reads
@@ -30,7 +31,7 @@ per run with `--json`, else a table.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -38,13 +39,19 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
+from benchmarks import command_line
+from nvae_tf.layers.remat import REMAT_MODES
+
 MB = 2 ** 20
 ALLOCATOR_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
 
 def measure(config_name: str, batch_size: int | None, remat: str,
             mixed_precision: str, steps: int) -> dict:
-    """One run in this process (TensorFlow not yet imported)."""
+    """One run in this process (the allocator chosen by `ALLOCATOR_ENV` in
+    the environment before TensorFlow is imported, as `run` does)."""
     os.environ.update(ALLOCATOR_ENV)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
@@ -135,51 +142,56 @@ def print_table(results: list):
           "tracing.")
 
 
-def parse_args(argv=None):
-    from nvae_tf.layers.remat import REMAT_MODES
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.memory",
-        description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--config", "--flagfile", action="append", dest="config",
-        help="preset (mnist-small, cifar-small) or trainer flagfile; may be "
-             "repeated or comma-separated")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="override the config's (global) batch size")
-    parser.add_argument(
-        "--remat", default="none",
-        help="recomputation mode(s) of the step, comma-separated, from "
-             f"{', '.join(REMAT_MODES)}")
-    parser.add_argument("--mixed_precision", default="none",
-                        choices=("none", "bfloat16", "float16"),
-                        help="Keras mixed-precision policy of the model")
-    parser.add_argument(
-        "--steps", type=int, default=3,
-        help="training steps per run: the last one is measured, the later "
-             "ones timed (1: only the first step, for the largest models)")
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON object per run and line")
-    parser.add_argument("--worker", action="store_true",
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if not args.config:
-        parser.error("--config (or --flagfile) is required: a preset "
-                     "(mnist-small, cifar-small) or a trainer flagfile")
-    args.configs = [n for item in args.config for n in item.split(",") if n]
-    args.remats = [m for m in args.remat.split(",") if m]
-    for mode in args.remats:
-        if mode not in REMAT_MODES:
-            parser.error(f"--remat={mode!r}: expected one of "
-                         f"{', '.join(REMAT_MODES)}")
-    if args.steps < 1:
-        parser.error(f"--steps={args.steps}: expected >= 1")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"--batch_size={args.batch_size}: expected >= 1")
-    return args
+def _remat_problem(mode: str) -> str | None:
+    if mode in REMAT_MODES:
+        return None
+    return f"{mode!r} is not one of {', '.join(REMAT_MODES)}"
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the memory report's flags on `flag_values` (absl's FLAGS)."""
+    fv = dict(flag_values=flag_values)
+    command_line.define_shared_flags(
+        flag_values, None,
+        "Preset (mnist-small, cifar-small) or trainer flagfile (required)")
+    flags.DEFINE(command_line.CommaListParser(_remat_problem), "remat",
+                 "none", "Recomputation mode(s) of the step, "
+                 f"comma-separated, from {', '.join(REMAT_MODES)}.",
+                 serializer=command_line.CommaListSerializer(), **fv)
+    flags.DEFINE_integer("steps", 3, "Training steps per run: the last one "
+                         "is measured, the later ones timed (1: only the "
+                         "first step, for the largest models).",
+                         lower_bound=1, **fv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The memory report's flags (`define_flags`), read by `from_flags`."""
+
+    configs: tuple[str, ...]
+    remats: tuple[str, ...]
+    batch_size: int | None
+    mixed_precision: str
+    steps: int
+    json: bool
+    worker: bool
+
+    @classmethod
+    def from_flags(cls, flag_values: flags.FlagValues) -> Options:
+        return command_line.options(
+            cls, flag_values,
+            configs=command_line.config_names(flag_values.config),
+            remats=tuple(flag_values.remat))
+
+
+def parse_args(argv=()) -> Options:
+    """As `benchmarks.bench.parse_args`, for this command's flags."""
+    return command_line.parse(Options, define_flags, argv, __name__)
+
+
+def main(argv):
+    """absl main: the memory report with absl's FLAGS (`define_flags`)."""
+    args = command_line.read(Options, argv)
     if args.worker:
         print(json.dumps(measure(args.configs[0], args.batch_size,
                                  args.remats[0], args.mixed_precision,
@@ -195,5 +207,12 @@ def main(argv=None):
         print_table(results)
 
 
+def cli(argv=None):
+    """Entry point of `python -m benchmarks.memory` (and of
+    `python -m benchmarks.bench --memory`)."""
+    command_line.run(main, define_flags,
+                     list(sys.argv if argv is None else argv), __name__)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -111,11 +111,12 @@ def report_user_errors(main, user_errors=()):
     return wrapped
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values=None):
     """absl's flag parsing with a bad value reported as one line and exit 1
-    (absl's own parser adds a second line; `--helpshort` still works)."""
+    (absl's own parser adds a second line; `--helpshort` still works).
+    Parses into `flag_values`, absl's FLAGS by default."""
     try:
-        return flags.FLAGS(argv)
+        return (flags.FLAGS if flag_values is None else flag_values)(argv)
     except flags.Error as err:
         sys.stderr.write(f"Error: {one_line(err)} (--helpshort lists the "
                          "flags).\n")

@@ -112,3 +112,60 @@ def test_cli_help_lists_the_trainer_flags(tmp_path):
     assert {"num_latent_scales", "batch_size", "max_steps",
             "model_dir"} <= listed
     assert len(listed) > 50
+
+
+def _headings(text):
+    """The unindented heading lines of a --help listing."""
+    return [line[:-1] for line in text.splitlines()
+            if line.endswith(":") and not line.startswith(" ")]
+
+
+def test_cli_help_groups_the_flags_by_config_section(tmp_path):
+    proc = _run_train(tmp_path, "--help")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    headings = _headings(proc.stdout)
+    assert headings[1:] == list(nvae_flags.HELP_GROUPS)  # after "flags"
+    assert [h.split(" ")[0] for h in headings[1:]] == [
+        "model", "data", "objective", "train", "runtime"]
+    # A representative flag of each group sits under its heading.
+    group_of = {}
+    heading = None
+    for line in lines:
+        if line[:-1] in headings:
+            heading = line[:-1].split(" ")[0]
+        match = re.match(r"^  (?:-\?,)?--(?:\[no\])?(\w+)", line)
+        if match:
+            assert match.group(1) not in group_of, match.group(1)
+            group_of[match.group(1)] = heading
+    assert {name: group_of[name] for name in (
+        "num_latent_scales", "batch_size", "kl_anneal_portion",
+        "learning_rate", "strategy", "model_dir")} == {
+            "num_latent_scales": "model", "batch_size": "data",
+            "kl_anneal_portion": "objective", "learning_rate": "train",
+            "strategy": "runtime", "model_dir": "runtime"}
+    fv = flags.FlagValues()
+    nvae_flags.define_flags(fv)
+    assert sorted(group_of) == sorted(fv)  # every trainer flag, once
+    assert lines[-1] == "Try --helpfull to get a list of all flags."
+    assert _run_train(tmp_path, "--helpshort").stdout == proc.stdout
+
+
+def test_cli_helpfull_still_lists_every_module(tmp_path):
+    proc = _run_train(tmp_path, "--helpfull")
+    assert proc.returncode == 1, proc.stderr
+    headings = _headings(proc.stdout)
+    assert {"absl.app", "absl.logging", "nvae_tf.training.flags",
+            "absl.flags"} <= set(headings)
+    assert not set(nvae_flags.HELP_GROUPS) & set(headings)
+    assert re.search(r"^  -\?,--\[no\]help: show this help$", proc.stdout,
+                     re.M)
+    assert "--flagfile" in proc.stdout
+
+
+def test_flags_help_lists_the_groups_in_order():
+    fv = flags.FlagValues()
+    nvae_flags.define_flags(fv)
+    text = flagfiles.flags_help(nvae_flags.HELP_GROUPS[::-1], fv)
+    assert _headings(text) == list(nvae_flags.HELP_GROUPS[::-1])
+    assert text.index("  --strategy:") < text.index("  --num_nf:")

@@ -168,7 +168,8 @@ def main(argv):
 def cli():
     """Entry point of `nvae-tune` and `python -m tuning.search`."""
     nvae_flags.define_flags()
-    app.run(main, argv=flagfiles.command_line(__name__, nvae_flags))
+    app.run(main, argv=flagfiles.command_line(
+        __name__, help_groups=nvae_flags.HELP_GROUPS))
 
 
 if __name__ == "__main__":

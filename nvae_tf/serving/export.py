@@ -4,7 +4,7 @@
         --export_dir=saved_models/<name>/<version> [--temperature=0.7 \
         --readjust_bn --inference_shards=N --constant_weights]
 
-The SavedModel (built with `keras.export.ExportArchive`) has five
+The SavedModel (built with `keras.export.ExportArchive`) has six
 signatures. H, W, C are the stored image size (28x28x1 for MNIST-like data);
 pixels are uint8 0..255:
 
@@ -13,6 +13,8 @@ pixels are uint8 0..255:
 - `reconstruct`: `images` uint8 [B, H, W, C] -> `images` uint8 [B, H, W, C];
 - `log_likelihood`: `images` uint8 [B, H, W, C] -> `nelbo_nats` and
   `bits_per_dim`, float32 [B];
+- `log_weights`: `images` uint8 [B, H, W, C], `seed` int64 [] ->
+  `log_weights` and `nelbo_nats`, float32 [B];
 - `encode`: `images` uint8 [B, H, W, C] -> `latent_000`, `latent_001`, ...
   float32 [B, h_k, w_k, L] (posterior means of the groups, top-down) and
   `scale_000`, ... (posterior standard deviations);
@@ -27,20 +29,28 @@ pixels are uint8 0..255:
 - `reconstruct` and `decode` show the image distribution's mean;
   `reconstruct` and `encode` use the posterior means (zero noise).
 - `log_likelihood` is a one-sample NELBO estimate with fixed noise (its
-  expectation bounds -log p(x) from above); use `python -m nvae_tf.evaluate --mode=nll` for the
-  importance-weighted estimate. Non-binary images are reduced to the model's
-  `num_x_bits` as in training; binary models threshold at 128.
+  expectation bounds -log p(x) from above). Non-binary images are reduced
+  to the model's `num_x_bits` as in training; binary models threshold at
+  128.
+- `log_weights` is one importance sample per image: log p(x|z) + log p(z) -
+  log q(z|x) for z ~ q(z|x) drawn with the stateless seed of `seed`'s two
+  32-bit halves (`inference.stateless_seed`), and that sample's NELBO. The
+  importance-weighted NLL is -(logsumexp over K seeds - log K), in any
+  runtime; `python -m nvae_tf.evaluate --mode=nll --saved_model=DIR` runs
+  it with the noise of `--model_dir` evaluation (`inference.sample_seed`).
 - Inputs are checked inside the graph, so a wrong size or a non-finite
   latent fails with a message that names the input in every runtime (TF
   Serving included); dtype and rank are fixed by the signature.
 
-`--inference_shards` and `--constant_weights` make `sample` and
-`log_likelihood` faster on a CPU with the same outputs (docs/serving.md).
+`--inference_shards` and `--constant_weights` make `sample`,
+`log_likelihood` and `log_weights` faster on a CPU with the same outputs
+(docs/serving.md).
 
 The directory is written next to its final place and renamed into it, so TF
 Serving, which polls `<name>/` for numeric version folders, never sees a
 half-written version. `assets.extra/nvae_tf_export.json` records the
-config, checkpoint and settings.
+config, the model directory's data section (what `evaluate --saved_model`
+reads), the checkpoint and the settings.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from absl import flags, logging
 from nvae_tf import cli as cli_lib
 from nvae_tf import flagfiles
 from nvae_tf.serving import bn_readjust
+from nvae_tf.training import checkpoints
 
 from nvae_tf.serving import inference
 from nvae_tf.fast import inference_shards
@@ -67,9 +78,12 @@ from nvae_tf.objectives import bits_per_dim
 DEFAULT_TEMPERATURE = 0.7  # official evaluate.py --temp
 MAX_SAMPLES = 1024  # largest `num_samples` one `sample` request may ask for
 METADATA_FILE = os.path.join("assets.extra", "nvae_tf_export.json")
-SIGNATURES = ("sample", "reconstruct", "log_likelihood", "encode", "decode")
-# The signatures that `inference_shards` and `constant_weights` speed up.
-FAST_SIGNATURES = ("sample", "log_likelihood")
+SIGNATURES = ("sample", "reconstruct", "log_likelihood", "encode", "decode",
+              "log_weights")
+# The signatures that `inference_shards` and `constant_weights` speed up:
+# the ones that run whole forwards per request (`log_weights` K times per
+# image for an importance-weighted NLL).
+FAST_SIGNATURES = ("sample", "log_likelihood", "log_weights")
 # Argument names of the weights a signature captures (see `_traced`).
 CAPTURED_INPUT_PREFIX = "captured_"
 
@@ -152,6 +166,14 @@ class _Signatures:
                 "bits_per_dim": bits_per_dim(out.nelbo,
                                              self.config.num_pixels)}
 
+    def log_weights(self, images, seed):
+        # The same maths and noise as `evaluate` on a model directory: one
+        # sample of `inference.log_weights`.
+        log_w, nelbo = inference.log_weights(
+            self.model, self._images(images), 1,
+            inference.stateless_seed(seed), shards=self.shards)
+        return {"log_weights": log_w[0], "nelbo_nats": nelbo[0]}
+
     def encode(self, images):
         means, scales = self.model.encode(self._images(images))
         outputs = {latent_name(k): z for k, z in enumerate(means)}
@@ -191,6 +213,8 @@ class _Signatures:
                        tf.TensorSpec([], tf.int64, name="seed")],
             "reconstruct": images,
             "log_likelihood": images,
+            "log_weights": images + [tf.TensorSpec([], tf.int64,
+                                                   name="seed")],
             "encode": images,
             "decode": [tf.TensorSpec([None, *shape], tf.float32,
                                      name=latent_name(k))
@@ -236,6 +260,19 @@ def _check_new_version(export_dir):
                               "to replace it.")
 
 
+def _data_settings(model_dir):
+    """The data section of `model_dir`'s config.json (what evaluation of
+    the export reads), or None without a readable one."""
+    if model_dir is None:
+        return None
+    try:
+        return checkpoints.read_config(model_dir).to_dict()["data"]
+    except (FileNotFoundError, ValueError) as err:
+        logging.warning("No data settings recorded in the export (%s); "
+                        "evaluation will use the dataset's defaults.", err)
+        return None
+
+
 def _directory_size(path):
     total = 0
     for root, _, files in tf.io.gfile.walk(path):
@@ -266,23 +303,23 @@ def export_saved_model(model, export_dir: str,
         recommended `sample` temperature.
       readjust_bn: bake BN statistics re-estimated at `temperature` into
         `sample` (cached in `model_dir/bn_stats/` when `model_dir` is set).
-      model_dir: the model directory (for the BN cache and the metadata).
+      model_dir: the model directory (for the BN cache and the metadata,
+        which records its data section).
       checkpoint_id: the checkpoint the weights come from (metadata).
       bn_passes, bn_batch_size: the re-estimation (official 500, 16).
       bn_seed: seed of the re-estimation's sampling passes; the default is
         `evaluate --readjust_bn`'s, so both reuse one cached file.
       max_samples: largest `num_samples` the `sample` signature accepts.
       overwrite: replace an existing `export_dir`.
-      inference_shards: `sample` and `log_likelihood` cut a request's batch
+      inference_shards: `FAST_SIGNATURES` cut a request's batch
         into this many parts (`inference_shards`; same outputs). Faster when
         the server runs 1 intra-op thread and this many inter-op threads
         (docs/serving.md); with the server's default threads it gains
         nothing.
-      constant_weights: `sample` and `log_likelihood` hold the weights as
-        graph constants (`constant_weights`): weight-only tensors are
-        computed once when the server loads the model, not per request
-        (same outputs). Each of the two graphs then carries a copy of the
-        weights.
+      constant_weights: `FAST_SIGNATURES` hold the weights as graph
+        constants (`constant_weights`): weight-only tensors are computed
+        once when the server loads the model, not per request (same
+        outputs). Each of their graphs then carries a copy of the weights.
 
     Returns:
       The metadata written to `assets.extra/nvae_tf_export.json` (with the
@@ -343,7 +380,7 @@ def export_saved_model(model, export_dir: str,
         "inference_shards": int(inference_shards),
         "constant_weights": bool(constant_weights),
         "model_dir": model_dir, "checkpoint": checkpoint_id,
-        "config": model.config.to_dict(),
+        "config": model.config.to_dict(), "data": _data_settings(model_dir),
         "tensorflow_version": tf.__version__,
     }
     meta_path = os.path.join(tmp_dir, METADATA_FILE)
@@ -391,18 +428,18 @@ def define_flags():
     flags.DEFINE_bool("overwrite", False, "Replace an existing export_dir.")
     flags.DEFINE_integer(
         "inference_shards", 1,
-        "`sample` and `log_likelihood` cut each request's batch into this "
-        "many parts (same outputs); pair with TF Serving's "
+        "`sample`, `log_likelihood` and `log_weights` cut each request's "
+        "batch into this many parts (same outputs); pair with TF Serving's "
         "--tensorflow_intra_op_parallelism=1 "
         "--tensorflow_inter_op_parallelism=<this> (docs/serving.md).",
         lower_bound=1)
     flags.DEFINE_bool(
         "constant_weights", False,
-        "`sample` and `log_likelihood` hold the weights as graph constants, "
-        "so that the weight-only tensors (weight-normalised kernels, folded "
-        "batch norms) are computed once at load time instead of per request "
+        "`sample`, `log_likelihood` and `log_weights` hold the weights as "
+        "graph constants, so that the weight-only tensors (weight-normalised "
+        "kernels, folded batch norms) are computed once at load time instead of per request "
         "(same outputs, faster per request on a CPU: docs/performance.md; "
-        "the SavedModel grows by two copies of the weights).")
+        "the SavedModel grows by three copies of the weights).")
     flags.mark_flags_as_required(["model_dir", "export_dir"])
 
 

@@ -5,7 +5,9 @@ an exported SavedModel: BatchNorm in inference mode, noise only from
 stateless seeds (or none at all), so the same inputs give the same outputs.
 
 - `log_weights`: importance weights log p(x|z) + log p(z) - log q(z|x) of
-  k posterior samples per image, and their NELBOs.
+  k posterior samples per image, and their NELBOs; `sample_seed` and
+  `stateless_seed` name the noise of one importance sample by an int64, the
+  same way in `evaluate` and in the exported `log_weights` signature.
 - `reconstruct`: decode the posterior means (the mean of every group given
   the means of the groups above), shown as the image distribution's mean.
 - `interpolate`: decode linear interpolations of two images' per-group
@@ -193,6 +195,35 @@ def log_weights(model, x, num_samples: int, seed, shards: int = 1):
     log_w = -out.recon_loss - out.log_q + out.log_p  # [k * B]
     shape = tf.stack([num_samples, batch_size])
     return tf.reshape(log_w, shape), tf.reshape(out.nelbo, shape)
+
+
+# A sample seed packs (seed, index) into the two 32-bit halves of one int64.
+SEED_BITS = 32
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The int64 seed of importance sample `index` under `seed`.
+
+    Its low 32 bits are `seed`, its high bits `index`, so `stateless_seed`
+    of it is the stateless seed [seed, index]: every (seed, index) pair has
+    its own noise, whatever ran before it in the process.
+
+    Raises:
+      ValueError: `seed` outside [0, 2^32) or `index` outside [0, 2^31).
+    """
+    if not 0 <= seed < 2 ** SEED_BITS:
+        raise ValueError(f"seed={seed} must be in [0, 2^32) (it fills the "
+                         "low half of a 64-bit sample seed).")
+    if not 0 <= index < 2 ** (SEED_BITS - 1):
+        raise ValueError(f"Sample index {index} must be in [0, 2^31).")
+    return (index << SEED_BITS) | seed
+
+
+def stateless_seed(seed) -> tf.Tensor:
+    """int64 [] -> the stateless seed int32 [2] of its two 32-bit halves
+    (low half first on the little-endian hosts TensorFlow runs on), as the
+    exported `sample` and `log_weights` signatures read their `seed`."""
+    return tf.bitcast(tf.convert_to_tensor(seed, tf.int64), tf.int32)
 
 
 def importance_weighted_log_likelihood(log_w) -> tf.Tensor:

@@ -187,8 +187,8 @@ class KerasTraining:
         """Writes the serving SavedModel of `python -m nvae_tf.export`.
 
         Signatures sample (serving_default), reconstruct, log_likelihood,
-        encode and decode, with the image and latent shapes in their
-        input specs.
+        encode, decode and log_weights, with the image and latent shapes
+        in their input specs.
 
         Args:
           filepath: the export directory (`saved_models/<name>/<version>`).

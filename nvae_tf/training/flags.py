@@ -8,6 +8,11 @@ checks every value and combination and returns the
 offending flag, before any work starts. The config sections raise
 `ConfigError`s naming a field path; `flag_name` maps a path to its flag.
 
+`--help` lists the flags in one group per config section (`HELP_GROUPS`),
+in the order of the config tree. `flag_sections` derives each flag's
+section from the field it sets, so a new field's flag lands in its
+section's group without a second list to keep in step.
+
 Differences from the official flags, on purpose:
 - `--batch_size` is the GLOBAL batch (all replicas and workers); the
   official one is per GPU. The official multi-process flags
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 
 from absl import flags
 
@@ -34,6 +40,7 @@ from nvae_tf import config as config_lib
 from nvae_tf import data as data_lib
 from nvae_tf import datasets
 from nvae_tf.config import ConfigError, NVAEConfig
+from nvae_tf.data import MODEL_IMPLIED_FIELDS
 from nvae_tf.experiment import ExperimentConfig, build_section
 from nvae_tf.fast.graph_options import GRAPPLER_CHOICES
 from nvae_tf.layers.remat import REMAT_MODES
@@ -47,6 +54,28 @@ _TRISTATE_VALUES = {"auto": None, "true": True, "false": False}
 _OFFICIAL_LAUNCH_DEFAULTS = {"num_proc_node": 1, "num_process_per_node": 1,
                              "node_rank": 0, "local_rank": 0,
                              "global_rank": 0}
+# Flag aliases: alias -> the flag it stands for (and whose group it joins).
+_ALIASES = {"data": "data_dir"}
+
+# What each config section holds: its flags' heading in `--help`. The keys
+# are the sections of `ExperimentConfig` that flags set, in the tree's order
+# (`run` is computed from the data and has no flags).
+SECTION_SUMMARIES = {
+    "model": "the dataset, architecture and likelihood",
+    "data": "where the data are and the input pipeline",
+    "objective": "KL warm-up and the spectral and BN regularisation",
+    "train": "optimisation, run length and seed; checkpoints, summaries, "
+             "evaluation, NaN recovery and export",
+    "runtime": "run directory and resuming, devices, precision, speed and "
+               "memory",
+}
+# Flags that set no config field of the same name, and the section whose
+# behaviour they concern (the run directory, the launch and the optimiser).
+_SECTION_OF_OTHER_FLAGS = {
+    "root": "runtime", "save": "runtime",
+    **{name: "runtime" for name in _OFFICIAL_LAUNCH_DEFAULTS},
+    "master_address": "runtime", "fast_adamax": "train",
+}
 
 
 class FlagError(ValueError):
@@ -161,7 +190,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "Data folder: the Fashion-MNIST IDX files, the TFDS "
                     "data_dir, or the image folder; default: the dataset's "
                     "own location.", **fv)
-    f.DEFINE_alias("data", "data_dir", flag_values=flag_values)
+    for alias, target in _ALIASES.items():
+        f.DEFINE_alias(alias, target, flag_values=flag_values)
     f.DEFINE_integer("image_size", 0, "Side of image_folder images "
                      "(0: the dataset's size).", **fv)
     f.DEFINE_integer("image_channels", 0, "1 or 3 for image_folder (0: the "
@@ -254,6 +284,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f.DEFINE_string("export_name", "",
                     "Serving name of the export; default: the model "
                     "directory's base name.", **fv)
+    _register_help_groups(flag_values)
 
 
 # Config fields whose flag has another name (the official one); every other
@@ -264,6 +295,65 @@ _FIELD_FLAGS = {"runtime.require_checkpoint": "cont_training"}
 def flag_name(field: str) -> str:
     """`--flag` of a config field path (`data.batch_size` -> `--batch_size`)."""
     return "--" + _FIELD_FLAGS.get(field, field.rsplit(".", 1)[-1])
+
+
+def config_sections() -> dict[str, type]:
+    """The config sections that flags set and their types, in tree order."""
+    types = typing.get_type_hints(ExperimentConfig)
+    return {f.name: types[f.name]
+            for f in dataclasses.fields(ExperimentConfig)
+            if f.name in SECTION_SUMMARIES}
+
+
+def _section_fields(section: str, section_type: type) -> list[str]:
+    """The field paths of a section; the data fields the model implies
+    belong to the model section."""
+    return [f"{section}.{f.name}" for f in dataclasses.fields(section_type)
+            if not (section == "data" and f.name in MODEL_IMPLIED_FIELDS)]
+
+
+def flag_sections(flag_values: flags.FlagValues) -> dict[str, list[str]]:
+    """Names of the trainer flags defined on `flag_values`, by section.
+
+    A flag belongs to the section of the config field it sets (`flag_name`),
+    an alias to its target's section, and the few flags that set no field
+    of their name to the section they concern.
+
+    Returns:
+      {section: sorted flag names}, sections in the config tree's order.
+    """
+    section_of = dict(_SECTION_OF_OTHER_FLAGS)
+    for section, section_type in config_sections().items():
+        for field in _section_fields(section, section_type):
+            name = flag_name(field)[2:]
+            if section_of.setdefault(name, section) != section:
+                raise ValueError(f"--{name} would belong to two sections: "
+                                 f"{section_of[name]} and {section}.")
+    for alias, target in _ALIASES.items():
+        section_of[alias] = section_of[target]
+    groups = {section: [] for section in SECTION_SUMMARIES}
+    for name, section in section_of.items():
+        if name in flag_values:
+            groups[section].append(name)
+    return {section: sorted(names) for section, names in groups.items()}
+
+
+def help_group(section: str) -> str:
+    """The `--help` heading of a section's flags."""
+    return f"{section} ({SECTION_SUMMARIES[section]})"
+
+
+# The `--help` headings of the trainer's flags, in the config tree's order.
+HELP_GROUPS = tuple(help_group(section) for section in SECTION_SUMMARIES)
+
+
+def _register_help_groups(flag_values: flags.FlagValues) -> None:
+    """Makes each trainer flag a key flag of its section's help group (the
+    name `--help` lists it under; see `flagfiles.command_line`)."""
+    for section, names in flag_sections(flag_values).items():
+        for name in names:
+            flag_values.register_key_flag_for_module(help_group(section),
+                                                     flag_values[name])
 
 
 def flag_error(err: ConfigError) -> FlagError:

@@ -303,7 +303,8 @@ def cli():
     """Entry point of `python -m nvae_tf.train`."""
     nvae_flags.define_flags()
     cli_lib.run(main, user_errors=(nvae_flags.FlagError,),
-                argv=flagfiles.command_line(nvae_flags))
+                argv=flagfiles.command_line(
+                    help_groups=nvae_flags.HELP_GROUPS))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tensorflow as tf
 from nvae_tf import distributions
 
 from benchmarks import bench
+from nvae_tf import cli
 
 from nvae_tf import objectives
 from nvae_tf.layers import blocks, conv, flows, norm
@@ -225,14 +226,53 @@ def test_synthetic_batches_have_the_data_range():
     np.testing.assert_allclose(x * 255, np.round(x * 255), atol=1e-4)
 
 
-@pytest.mark.parametrize("argv", [["--config=nope"], ["--steps=0"],
-                                  ["--warmup=0"], ["--repeats=0"],
-                                  ["--inference_shards=-1"],
-                                  ["--weights=frozen"]])
-def test_bad_arguments_exit_with_usage(argv):
+@pytest.mark.parametrize("argv, message", [
+    (["--config=nope"], "flag --config=nope: 'nope' is neither a preset"),
+    (["--steps=0"], "flag --steps=0: 0 is not a positive integer"),
+    (["--warmup=0"], "flag --warmup=0: 0 is not a positive integer"),
+    (["--repeats=0"], "flag --repeats=0: 0 is not a positive integer"),
+    (["--inference_shards=-1"], "flag --inference_shards=-1: -1 is not a "
+     "non-negative integer"),
+    (["--weights=frozen"], "flag --weights=frozen: value should be one of "
+     "<constant|variables>"),
+    (["--stpes=3"], "Unknown command line flag 'stpes'"),
+])
+def test_bad_arguments_exit_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         bench.parse_args(argv)
-    assert info.value.code == 2
+    assert info.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_defaults_and_a_resolved_shard_count():
+    args = bench.parse_args([])
+    assert args.configs == bench.PUBLIC_PRESETS
+    assert (args.steps, args.warmup, args.repeats, args.parallel_setup) == (
+        20, 2, 3, 3)
+    assert (args.remat, args.weights, args.grappler) == (
+        "none", "constant", "lean")
+    assert args.batch_size is None and not args.worker
+    assert args.inference_shards == os.cpu_count()  # 0: one per core
+    assert bench.parse_args(["--inference_shards=1"]).inference_shards == 1
+
+
+def test_worker_command_round_trips_the_options():
+    """The hidden worker flags: the parent's command line for a worker
+    parses back to the parent's options for one config."""
+    args = bench.parse_args(["--config=tiny", "--batch_size=2",
+                             "--intra_op_threads=1", "--jit_compile",
+                             "--remat=cells", "--weights=variables"])
+    command = bench._worker_command(args, "tiny", "/tmp/sync", 4, "train")
+    assert command[1:4] == ["-m", "benchmarks.bench", "--worker"]
+    worker = bench.parse_args(command[3:])
+    assert worker.worker and worker.configs == ("tiny",)
+    assert (worker.sync_dir, worker.index, worker.phase) == (
+        "/tmp/sync", 4, "train")
+    for name in ("batch_size", "steps", "warmup", "intra_op_threads",
+                 "inter_op_threads", "inference_shards", "jit_compile",
+                 "mixed_precision", "grappler", "remat", "weights"):
+        assert getattr(worker, name) == getattr(args, name), name
 
 
 @pytest.mark.parametrize("shards, weights", [(2, "constant"),

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from benchmarks import bench, memory
+from nvae_tf import cli
 
 REPO = os.path.join(os.path.dirname(__file__), "..", "..")
 TIMEOUT = 900
@@ -15,28 +16,49 @@ STATE_TOLERANCE = 0.01
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "--config"),
-    (["--config=tiny", "--remat=all"], "--remat='all'"),
-    (["--config=tiny", "--steps=0"], "--steps=0"),
-    (["--config=tiny", "--batch_size=0"], "--batch_size=0"),
+    ([], "--config (or --flagfile) is required"),
+    (["--config=tiny", "--remat=none,all"],
+     "flag --remat=none,all: 'all' is not one of none, cells, groups"),
+    (["--config=tiny", "--steps=0"], "flag --steps=0: 0 is not a positive"),
+    (["--config=tiny", "--batch_size=0"], "flag --batch_size=0: 0 is not"),
+    (["--flagfile=nope.cfg"], "flag --config=nope.cfg: 'nope.cfg' is "
+     "neither a preset"),
 ])
 def test_bad_arguments_are_one_clear_error(argv, message, capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         memory.parse_args(argv)
-    assert message in capsys.readouterr().err
+    assert info.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_flagfile_is_an_alias_of_config_and_modes_split():
     args = memory.parse_args(["--flagfile=configs/mnist.cfg,tiny",
                               "--remat=none,cells"])
-    assert args.configs == ["configs/mnist.cfg", "tiny"]
-    assert args.remats == ["none", "cells"]
+    assert args.configs == ("configs/mnist.cfg", "tiny")
+    assert args.remats == ("none", "cells")
+    # Repeated, as --config, and a packaged flagfile by name.
+    args = memory.parse_args(["--flagfile", "quickstart", "--config=tiny"])
+    assert args.configs == ("quickstart", "tiny")
+    assert args.remats == ("none",) and args.steps == 3
+
+
+def test_bench_and_memory_share_the_config_flags():
+    assert bench.parse_args(["--flagfile=tiny,mnist-small"]).configs == (
+        "tiny", "mnist-small")
+    for parse in (bench.parse_args, memory.parse_args):
+        args = parse(["--config=tiny", "--batch_size=2",
+                      "--mixed_precision=bfloat16"])
+        assert (args.batch_size, args.mixed_precision) == (2, "bfloat16")
+        assert not args.json and not args.worker
 
 
 def test_bench_rejects_an_unknown_remat_mode(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         bench.parse_args(["--remat=sometimes"])
-    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+    assert info.value.code == cli.EXIT_USER_ERROR
+    assert "flag --remat=sometimes: value should be one of <none|cells|" \
+        "groups>" in capsys.readouterr().err
     assert bench.parse_args(["--remat=groups"]).remat == "groups"
 
 

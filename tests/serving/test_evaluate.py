@@ -4,6 +4,7 @@ sample grids, reconstructions and latent interpolation."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -265,7 +266,8 @@ def test_cli_sample_writes_grid_and_reuses_bn_cache(fashion_model_dir,
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["nll", "reconstruct", "interpolate"])
 def test_cli_modes(fashion_model_dir, tmp_path, mode):
-    output = str(tmp_path / f"{mode}.png")
+    output = str(tmp_path / (f"{mode}.json" if mode == "nll"
+                             else f"{mode}.png"))
     args = ("--model_dir", fashion_model_dir, f"--mode={mode}",
             "--num_iw_samples=4", "--iw_samples_per_pass=2",
             "--max_images=8", "--batch_size=4", "--num_images=3",
@@ -273,7 +275,7 @@ def test_cli_modes(fashion_model_dir, tmp_path, mode):
     result = _cli(*args)
     assert result["mode"] == mode
     if mode == "nll":
-        assert result["num_images"] == 8
+        assert result["output"] == output and result["num_images"] == 8
         assert result["nll_nats"] <= result["nelbo_nats"]
         assert result["nll_bpd_8bit"] == pytest.approx(
             result["nll_bpd"] + 3)
@@ -315,6 +317,8 @@ def test_cli_nll_writes_its_json_into_the_model_dir(fashion_model_dir):
                   "--num_iw_samples=2", "--max_images=4", "--batch_size=4")
     path = os.path.join(fashion_model_dir, "eval", evaluate.NLL_FILE)
     assert result["output"] == path and result["split"] == "test"
+    # Finished: the progress file beside the result is gone.
+    assert os.listdir(os.path.dirname(path)) == [evaluate.NLL_FILE]
     with open(path) as f:
         assert json.load(f) == result
     assert result["num_images"] == 4 and np.isfinite(result["nll_nats"])
@@ -324,3 +328,147 @@ def test_cli_nll_writes_its_json_into_the_model_dir(fashion_model_dir):
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "trained without a validation split" in proc.stderr
+
+
+# ------------------------------------------------- nll: SavedModel, resume
+@pytest.fixture(scope="module")
+def fashion_export(tmp_path_factory, fashion_model, fashion_model_dir):
+    """The Fashion-MNIST model's SavedModel (export as the CLI writes it)."""
+    from nvae_tf.serving import export  # pylint: disable=import-outside-toplevel
+    export_dir = str(tmp_path_factory.mktemp("fashion_export") / "1")
+    export.export_saved_model(fashion_model, export_dir,
+                              model_dir=fashion_model_dir,
+                              checkpoint_id="ckpt-4", max_samples=4)
+    return export_dir
+
+
+def _float_batches(model, n, batch, seed=0):
+    return tf.data.Dataset.from_tensor_slices(
+        _images(model, n, seed)).batch(batch)
+
+
+def test_iw_nll_of_the_saved_model_equals_the_model_dirs(fashion_model,
+                                                         fashion_export):
+    """The `log_weights` signature draws the noise of `evaluate` on the
+    model: the same importance weights, so the same NLL and NELBO."""
+    dataset = _float_batches(fashion_model, 6, 4)
+    kwargs = dict(num_iw_samples=4, iw_samples_per_pass=2, max_images=5,
+                  seed=3, progress=False)
+    direct = evaluate.importance_weighted_nll(fashion_model, dataset,
+                                              **kwargs)
+    signature, metadata, experiment = evaluate.load_saved_model(
+        fashion_export)
+    assert metadata["data"]["batch_size"] == 32  # config.json's
+    assert experiment.data.dataset == "fashion_mnist"
+    assert experiment.model == fashion_model.config
+    exported = evaluate.iw_nll_loop(
+        evaluate.saved_model_log_weights(signature, 2), dataset, **kwargs)
+    assert exported["num_images"] == direct["num_images"] == 5
+    for key in ("nll_nats", "nelbo_nats"):
+        assert exported[key] == pytest.approx(direct[key], rel=1e-5)
+    # One sample through the signature: the model's first sample, seed for
+    # seed (stateless noise of the int64's halves).
+    x = _images(fashion_model, 3)
+    sample_seed = inference.sample_seed(3, 7)
+    log_w, nelbo = inference.log_weights(
+        fashion_model, x, 1, inference.stateless_seed(sample_seed))
+    out = signature(images=inference.images_to_uint8(x),
+                    seed=tf.constant(sample_seed, tf.int64))
+    assert out["log_weights"].shape == (3,)
+    np.testing.assert_allclose(out["log_weights"], log_w[0], rtol=1e-5)
+    np.testing.assert_allclose(out["nelbo_nats"], nelbo[0], rtol=1e-5)
+    assert not np.allclose(out["log_weights"], signature(
+        images=inference.images_to_uint8(x),
+        seed=tf.constant(sample_seed + 1, tf.int64))["log_weights"])
+
+
+def test_sample_seed_packs_seed_and_index():
+    seed = inference.sample_seed(5, 9)
+    assert seed == 9 * 2 ** 32 + 5
+    np.testing.assert_array_equal(inference.stateless_seed(seed), [5, 9])
+    with pytest.raises(ValueError, match="seed=-1"):
+        inference.sample_seed(-1, 0)
+
+
+def test_interrupted_nll_resumes_to_the_uninterrupted_figures(
+        fashion_model, tmp_path):
+    """SIGTERM in the third batch keeps two finished batches; the rerun
+    continues there and ends with exactly the uninterrupted figures."""
+    dataset = _float_batches(fashion_model, 10, 3)
+    log_weights = evaluate.model_log_weights(fashion_model, 2)
+    kwargs = dict(num_iw_samples=3, iw_samples_per_pass=2, seed=4,
+                  total_images=10, progress=False)
+    whole = evaluate.iw_nll_loop(log_weights, dataset, **kwargs)
+    path = str(tmp_path / "nll.progress.json")
+    settings = {"num_iw_samples": 3, "seed": 4}
+    calls = []
+
+    def killed_in_batch_3(x, seed):
+        calls.append(1)
+        if len(calls) == 5:  # 2 passes per batch: the third batch
+            signal.raise_signal(signal.SIGTERM)
+        return log_weights(x, seed)
+
+    with pytest.raises(evaluate.Interrupted,
+                       match=r"SIGTERM after 6/10 images.*rerun") as err:
+        with evaluate.stop_on_signals():
+            evaluate.iw_nll_loop(killed_in_batch_3, dataset,
+                                 progress_file=path, settings=settings,
+                                 **kwargs)
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    with open(path) as f:
+        saved = json.load(f)
+    assert saved["batches"] == 2 and saved["num_images"] == 6
+    assert saved["settings"] == settings
+    resumed = evaluate.iw_nll_loop(log_weights, dataset, progress_file=path,
+                                   settings=settings, **kwargs)
+    assert resumed.pop("resumed_images") == 6
+    assert whole.pop("resumed_images") == 0
+    assert resumed == whole  # float64 sums, bit for bit
+
+    # Other settings are refused by name; --restart starts over.
+    with pytest.raises(Exception, match=r"num_iw_samples=3, this one has "
+                                        r"num_iw_samples=2.*--restart"):
+        evaluate.NllProgress.resume(path, {"num_iw_samples": 2, "seed": 4})
+    fresh = evaluate.NllProgress.resume(path, {"num_iw_samples": 2},
+                                        restart=True)
+    assert fresh.batches == 0 and fresh.nll_sum == 0.0
+
+
+@pytest.mark.slow
+def test_cli_nll_of_a_saved_model(fashion_model, fashion_export, tmp_path):
+    """`--saved_model`: the export's data settings, the model directory's
+    numbers; the progress file is gone once the result is written."""
+    output = str(tmp_path / "nll.json")
+    result = _cli("--saved_model", fashion_export, "--mode=nll",
+                  "--num_iw_samples=2", "--max_images=5", "--batch_size=4",
+                  "--inference_shards=1", "--output", output)
+    assert result["saved_model"] == fashion_export
+    assert result["checkpoint"] == "ckpt-4" and result["num_images"] == 5
+    assert not os.path.exists(evaluate.progress_path(output))
+    with open(output) as f:
+        assert json.load(f) == result
+    _, eval_ds, _ = make_datasets(DataConfig.from_model_config(
+        fashion_model.config, batch_size=4), seed=bn_readjust.READJUST_SEED)
+    direct = evaluate.importance_weighted_nll(
+        fashion_model, eval_ds, 2, max_images=5,
+        seed=bn_readjust.READJUST_SEED, progress=False)
+    for key in ("nll_nats", "nelbo_nats"):
+        assert result[key] == pytest.approx(direct[key], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, message", [
+    ("--model_dir", "evaluate it with --saved_model={} --mode=nll"),
+    ("--saved_model", "--saved_model needs --output=PATH.json"),
+])
+def test_cli_points_a_saved_model_to_the_right_flag(fashion_export, flag,
+                                                    message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_tf.evaluate", flag, fashion_export,
+         "--mode=nll"], cwd=REPO, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ")
+    assert message.format(fashion_export) in lines[-1]

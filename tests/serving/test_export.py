@@ -88,6 +88,16 @@ images = tf.constant(out["sample_a"])
 out["reconstruct"] = call("reconstruct", images=images)["images"]
 ll = call("log_likelihood", images=images)
 out["nelbo_nats"], out["bits_per_dim"] = ll["nelbo_nats"], ll["bits_per_dim"]
+# Importance-weighted NLL without nvae_tf: logsumexp over K seeds - log K.
+K = 3
+log_w = np.stack([call("log_weights", images=images,
+                       seed=tf.constant(k, tf.int64))["log_weights"]
+                  for k in range(K)])
+out["log_weights"] = log_w
+out["iw_nll"] = -(tf.reduce_logsumexp(log_w, axis=0) - np.log(K)).numpy()
+result["log_weights_outputs"] = {
+    k: [list(v.shape), v.dtype.name]
+    for k, v in sigs["log_weights"].structured_outputs.items()}
 encoded = call("encode", images=images)
 result["encode_outputs"] = sorted(encoded)
 for k in names:
@@ -118,6 +128,9 @@ cases = {
                           dict(images=tf.zeros([1, H, W, C], tf.float32))),
     "log_likelihood/size": ("log_likelihood", dict(
         images=tf.zeros([2, H, W + 2, C], tf.uint8))),
+    "log_weights/size": ("log_weights", dict(
+        images=tf.zeros([2, H - 2, W, C], tf.uint8),
+        seed=tf.constant(1, tf.int64))),
     "encode/size": ("encode",
                     dict(images=tf.zeros([2, H - 1, W, C], tf.uint8))),
     "decode/shape": ("decode", bad_latent),
@@ -155,6 +168,7 @@ else:
         "sample": sample_inputs(3, 0.7, 11),
         "reconstruct": {"images": images},
         "log_likelihood": {"images": images},
+        "log_weights": {"images": images, "seed": tf.constant(3, tf.int64)},
         "encode": {"images": images},
         "decode": good_latents,
     }
@@ -328,6 +342,7 @@ def test_constant_weights_export_gives_the_same_outputs(exported, tmp_path):
     loaded = tf.saved_model.load(export_dir)
     assert not loaded.signatures["sample"].variables
     assert not loaded.signatures["log_likelihood"].variables
+    assert not loaded.signatures["log_weights"].variables
     assert loaded.signatures["encode"].variables  # unchanged
     plain = tf.saved_model.load(plain_dir).signatures
     args = dict(num_samples=tf.constant(3), seed=tf.constant(5, tf.int64),
@@ -339,6 +354,12 @@ def test_constant_weights_export_gives_the_same_outputs(exported, tmp_path):
     np.testing.assert_allclose(
         loaded.signatures["log_likelihood"](images=images)["nelbo_nats"],
         plain["log_likelihood"](images=images)["nelbo_nats"], rtol=1e-5)
+    seed = tf.constant(inference.sample_seed(2, 5), tf.int64)
+    np.testing.assert_allclose(
+        loaded.signatures["log_weights"](images=images,
+                                         seed=seed)["log_weights"],
+        plain["log_weights"](images=images, seed=seed)["log_weights"],
+        rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -384,6 +405,8 @@ def test_fresh_process_loads_without_nvae_tf(fresh_process):
         list(export.SIGNATURES) + ["serving_default"])
     assert result["encode_outputs"] == [
         f"{kind}_{k:03d}" for kind in ("latent", "scale") for k in range(4)]
+    assert result["log_weights_outputs"] == {
+        "log_weights": [[None], "float32"], "nelbo_nats": [[None], "float32"]}
 
 
 def test_sample_is_deterministic_per_seed(fresh_process):
@@ -421,6 +444,14 @@ def test_signatures_match_the_model(exported, fresh_process):
     np.testing.assert_allclose(
         out["bits_per_dim"], out["nelbo_nats"] / (np.log(2) * 8 * 8 * 3),
         rtol=1e-5)
+    # `log_weights`: sample k is the model's with the seed's two halves.
+    log_w = np.stack([inference.log_weights(
+        model, x, 1, inference.stateless_seed(k))[0][0] for k in range(3)])
+    np.testing.assert_allclose(out["log_weights"], log_w, rtol=1e-4)
+    assert len(np.unique(out["log_weights"].round(3))) == 9
+    np.testing.assert_allclose(
+        out["iw_nll"],
+        -inference.importance_weighted_log_likelihood(log_w), rtol=1e-4)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -430,6 +461,7 @@ def test_signatures_match_the_model(exported, fresh_process):
     ("reconstruct/rank", r"must have shape \[batch, 8, 8, 3\]"),
     ("reconstruct/dtype", r"uint8"),
     ("log_likelihood/size", r"must have shape \[batch, 8, 8, 3\]"),
+    ("log_weights/size", r"must have shape \[batch, 8, 8, 3\]"),
     ("encode/size", r"must have shape \[batch, 8, 8, 3\]"),
     ("decode/shape", r"`latent_003` \(float32\) must have shape "
                      r"\[batch, 4, 4, 3\]"),
@@ -456,7 +488,7 @@ def test_predict_requests_match_signature_defs(fresh_process):
         pytest.skip("tensorflow-serving-api is not installed")
     assert result["predict_requests"] == {
         name: [] for name in ("sample", "reconstruct", "log_likelihood",
-                              "encode", "decode")}
+                              "log_weights", "encode", "decode")}
     np.testing.assert_array_equal(out["request_sample"], out["sample_a"])
     np.testing.assert_array_equal(out["request_reconstruct"],
                                   out["reconstruct"])
@@ -517,6 +549,7 @@ def _input_specs(meta):
                         "temperature": [[], "float32"],
                         "seed": [[], "int64"]},
              "reconstruct": images, "log_likelihood": images,
+             "log_weights": {**images, "seed": [[], "int64"]},
              "encode": images,
              "decode": {export.latent_name(k): [[None, *shape], "float32"]
                         for k, shape in enumerate(meta["latent_shapes"])}}

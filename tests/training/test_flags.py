@@ -98,6 +98,51 @@ def test_each_fact_has_one_owner():
     assert experiment.data.dataset == experiment.model.dataset == "mnist"
 
 
+def test_every_flag_is_in_exactly_one_help_group_of_its_section():
+    """--help groups follow the config tree: one group per section that
+    flags set, every flag in one group, each field's flag in its section."""
+    import dataclasses
+
+    from nvae_tf.data import MODEL_IMPLIED_FIELDS
+    from nvae_tf.experiment import ExperimentConfig
+
+    fv = parse()
+    groups = nvae_flags.flag_sections(fv)
+    assert list(groups) == [f.name for f in dataclasses.fields(
+        ExperimentConfig) if f.name != "run"]
+    listed = [name for names in groups.values() for name in names]
+    assert sorted(listed) == sorted(fv)  # each defined flag once
+    assert len(listed) == 78
+    # Every settable field's flag sits in its own section's group.
+    section_types = nvae_flags.config_sections()
+    unflagged = []
+    for section, section_type in section_types.items():
+        for field in dataclasses.fields(section_type):
+            name = nvae_flags.flag_name(f"{section}.{field.name}")[2:]
+            if name not in fv:
+                unflagged.append(f"{section}.{field.name}")
+            elif not (section == "data" and
+                      field.name in MODEL_IMPLIED_FIELDS):
+                assert name in groups[section], (section, name)
+            else:  # a dataset fact the data section takes from the model
+                assert name in groups["model"], name
+    assert unflagged == ["objective.total_steps"]  # resolved from the data
+    # The model owns the dataset facts; aliases join their target; the
+    # non-field flags sit with what they concern.
+    for section, name in [("model", "dataset"), ("model", "num_x_bits"),
+                          ("data", "data"), ("data", "data_dir"),
+                          ("runtime", "cont_training"), ("runtime", "root"),
+                          ("runtime", "num_proc_node"), ("train", "export"),
+                          ("train", "fast_adamax")]:
+        assert name in groups[section], (section, name)
+    # Each group is a key-flag "module" whose name is its --help heading.
+    for section, heading in zip(groups, nvae_flags.HELP_GROUPS):
+        assert heading.startswith(f"{section} (")
+        assert sorted(flag.name for flag in
+                      fv.get_key_flags_for_module(heading)) == \
+            groups[section]
+
+
 def test_config_errors_name_the_flag_without_guessing():
     assert nvae_flags.flag_name("train.epochs") == "--epochs"
     assert nvae_flags.flag_name("data.batch_size") == "--batch_size"
