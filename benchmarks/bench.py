@@ -213,7 +213,7 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
                     steps_per_epoch: int = 1000, jit_compile: bool = False,
                     shards: int = 1, training: bool = True,
                     constant_weights: bool = True, float16: bool = False,
-                    remat: str = "none"):
+                    remat: str = "none", run_eagerly: bool = False):
     """The model, optimizer and the three `tf.function`s the benchmark times.
 
     `train_step` is the trainer's (`nvae_tf.training.step.make_train_step`)
@@ -238,6 +238,8 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
       float16: the model runs under the `mixed_float16` policy: the step
         scales the loss as the trainer's does.
       remat: recomputation of the training step (`NVAE(remat=...)`).
+      run_eagerly: `train_step` runs the trainer's step op by op, as
+        `--run_eagerly` does, instead of traced.
 
     Returns:
       (model, optimizer, train_step(x) -> loss, eval_step(x, seed) -> mean
@@ -287,7 +289,8 @@ def build_functions(config: NVAEConfig, batch_size: int, objective,
     if not training:
         return model, None, None, eval_step, sample
     options = dataclasses.replace(
-        step_lib.StepOptions.from_configs(train, runtime), float16=float16)
+        step_lib.StepOptions.from_configs(train, runtime), float16=float16,
+        run_eagerly=run_eagerly)
     step = step_lib.make_train_step(
         strategy, model, optimizer, schedule,
         dataclasses.replace(objective, total_steps=length.total_steps),

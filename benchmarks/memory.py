@@ -2,6 +2,7 @@
 
     python -m benchmarks.memory --config=configs/cifar10.cfg --batch_size=1
         [--remat=none,cells] [--mixed_precision=float16] [--steps=3] [--json]
+        [--run_eagerly]
 
 (`--flagfile=F` is `--config=F`, a trainer flagfile by path or packaged
 name, see `benchmarks.command_line`; `python -m benchmarks.bench --memory
@@ -49,7 +50,8 @@ ALLOCATOR_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
 
 def measure(config_name: str, batch_size: int | None, remat: str,
-            mixed_precision: str, steps: int) -> dict:
+            mixed_precision: str, steps: int,
+            run_eagerly: bool = False) -> dict:
     """One run in this process (the allocator chosen by `ALLOCATOR_ENV` in
     the environment before TensorFlow is imported, as `run` does)."""
     os.environ.update(ALLOCATOR_ENV)
@@ -66,7 +68,8 @@ def measure(config_name: str, batch_size: int | None, remat: str,
     bench.set_grappler_options(bench.GRAPPLER["lean"])
     device = "CPU:0"
     model, optimizer, train_step, _, _ = bench.build_functions(
-        config, batch, objective, constant_weights=False, remat=remat)
+        config, batch, objective, constant_weights=False, remat=remat,
+        run_eagerly=run_eagerly)
     x = tf.constant(bench._synthetic_batch(config, batch, bench.SEED))
     state = tf.config.experimental.get_memory_info(device)["current"]
     params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
@@ -86,6 +89,7 @@ def measure(config_name: str, batch_size: int | None, remat: str,
     step = step_peaks[-1]
     return {
         "config": config_name, "batch_size": batch, "remat": remat,
+        "run_eagerly": run_eagerly,
         "mixed_precision": mixed_precision, "params": params,
         "variable_bytes": variable_bytes, "state_bytes": state,
         "step_bytes": step, "peak_bytes": state + step,
@@ -107,6 +111,8 @@ def _worker_command(args, config_name: str, remat: str) -> list:
            f"--steps={args.steps}"]
     if args.batch_size:
         cmd.append(f"--batch_size={args.batch_size}")
+    if args.run_eagerly:
+        cmd.append("--run_eagerly")
     return cmd
 
 
@@ -162,6 +168,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "is measured, the later ones timed (1: only the "
                          "first step, for the largest models).",
                          lower_bound=1, **fv)
+    flags.DEFINE_bool("run_eagerly", False, "Run the trainer's step op by "
+                      "op (its --run_eagerly) instead of traced: no graph "
+                      "in memory, for the largest models.", **fv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +182,7 @@ class Options:
     batch_size: int | None
     mixed_precision: str
     steps: int
+    run_eagerly: bool
     json: bool
     worker: bool
 
@@ -195,7 +205,7 @@ def main(argv):
     if args.worker:
         print(json.dumps(measure(args.configs[0], args.batch_size,
                                  args.remats[0], args.mixed_precision,
-                                 args.steps)), flush=True)
+                                 args.steps, args.run_eagerly)), flush=True)
         return
     results = []
     for name in args.configs:

@@ -466,15 +466,20 @@ class NVAE(CheckpointableCollections, KerasTraining, keras.Model):
         def posterior_latent(k, state):
             feature = top_feature if k == 0 else features[c.num_groups - 1 - k]
             z, group = self._posterior_latent(k, state, feature, noise,
-                                              batch_size)
+                                              batch_size, training)
             groups.append(group)
             return z
 
         logits = self._decode(batch_size, posterior_latent, training)
         return self._output(x, logits, *groups)
 
-    def _posterior_latent(self, k, state, feature, noise, batch_size):
-        """(z_k, its `latents.summarize_group`) for the batch."""
+    def _posterior_latent(self, k, state, feature, noise, batch_size,
+                          training=False):
+        """(z_k, its `latents.summarize_group`) for the batch.
+
+        With `remat` in training each flow is recomputed like a residual
+        cell: at 128x128 its expanded activations outweigh the cells'.
+        """
         c = self.config
         if k > 0:
             feature = self.encoder_combiners[c.num_groups - 1 - k](
@@ -486,7 +491,10 @@ class NVAE(CheckpointableCollections, KerasTraining, keras.Model):
         z_sampled = latents.sample_normal(posterior, noise[k])
         z, log_det = z_sampled, 0.0
         for n in range(c.num_nf):
-            z, step_log_det = self.flows[k * c.num_nf + n](z)
+            flow = self.flows[k * c.num_nf + n]
+            if training and self.remat != "none":
+                flow = recompute(flow)
+            z, step_log_det = flow(z)
             log_det = log_det + step_log_det
         return z, latents.summarize_group(posterior, prior, z_sampled, z,
                                           log_det, analytic_kl=c.num_nf == 0)

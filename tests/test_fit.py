@@ -32,6 +32,11 @@ BATCH = 4
 STEPS_PER_EPOCH = 2
 EPOCHS = 3
 RTOL = 1e-5
+# fit's eager steps against the trainer's traced ones: Grappler's rewrites
+# of the traced step (fused convolutions, reordered sums) move the
+# gradients and, through Adamax, the weights in float32 rounding (measured
+# after 3 steps: 7.7e-5 and 9.4e-5).
+EAGER_RTOL = 3e-4
 TRAIN = TrainConfig(learning_rate=1e-2, warmup_epochs=1, seed=SEED)
 # Regularisers on and annealed, KL warm-up over the run: the whole recipe.
 OBJECTIVE = ObjectiveConfig(total_steps=STEPS_PER_EPOCH * EPOCHS,
@@ -80,8 +85,9 @@ def _state(model, optimizer, losses):
             "weights": [v.numpy() for v in model.weights]}
 
 
-def trainer_and_fit(strategy):
-    """(trainer's state, fit's state) after `STEPS` steps in `strategy`."""
+def trainer_and_fit(strategy, run_eagerly=False):
+    """(trainer's state, fit's state) after `STEPS` steps in `strategy`;
+    fit's steps traced, or eager with `run_eagerly`."""
     keras.utils.set_random_seed(SEED)
     ds = tf.data.Dataset.from_tensor_slices(_images()).batch(BATCH)
     with strategy.scope():
@@ -102,7 +108,8 @@ def trainer_and_fit(strategy):
 
     with strategy.scope():
         model, _, optimizer = _model_and_optimizer(initial)
-        model.compile(optimizer=optimizer, objective=OBJECTIVE)
+        model.compile(optimizer=optimizer, objective=OBJECTIVE,
+                      run_eagerly=run_eagerly)
 
     class Losses(keras.callbacks.Callback):
         """Each step's loss (Keras logs the running mean)."""
@@ -141,14 +148,16 @@ def max_relative_errors(trainer, fit):
 
 
 @pytest.mark.slow
-def test_fit_equals_the_trainer_step_on_one_device():
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_fit_equals_the_trainer_step_on_one_device(run_eagerly):
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    trainer, fit = trainer_and_fit(strategy)
+    trainer, fit = trainer_and_fit(strategy, run_eagerly)
     errors = max_relative_errors(trainer, fit)
     assert errors["num_grads"] == len(fit["grads"]) > 10
     assert errors["grads_nonzero"] > errors["num_grads"] // 2
     for key in ("loss", "grads", "weights"):
-        assert errors[key] <= RTOL, errors
+        tolerance = EAGER_RTOL if run_eagerly and key != "loss" else RTOL
+        assert errors[key] <= tolerance, errors
     assert np.all(np.isfinite(trainer["loss"]))
     assert errors["weights_moved"] > 1e-4
 
@@ -269,6 +278,7 @@ def _run_fit(backup, kill_after):
     return proc.returncode, proc.stdout.split("\n")
 
 
+@pytest.mark.slow
 def test_backup_and_restore_resumes_a_killed_fit(tmp_path):
     backup = str(tmp_path / "backup")
     code, lines = _run_fit(backup, kill_after=2)

@@ -112,6 +112,7 @@ def test_search_reports_the_best_trial_and_its_flagfile_trains(
                                 "trial_info.json") == stamp
 
 
+@pytest.mark.slow
 def test_trials_are_scored_on_validation_and_never_read_the_test_split(
         tmp_path, image_dir):
     """Acceptance: the objective is the validation split's, the trials write

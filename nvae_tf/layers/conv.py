@@ -100,6 +100,12 @@ def weight_normalize(kernel, log_weight_norm, axes, gain_shape):
 
     @tf.custom_gradient
     def normalize(kernel, log_weight_norm):
+        if tf.executing_eagerly():
+            # An eager tape records the ops of a custom gradient's forward
+            # too, and would keep `gain * kernel` (a kernel-sized copy)
+            # until it is deleted; the forward's inputs cut them off.
+            kernel, log_weight_norm = tf.stop_gradient(kernel), \
+                tf.stop_gradient(log_weight_norm)
         gain = tf.reshape(tf.exp(log_weight_norm), gain_shape)
         norm = tf.sqrt(tf.reduce_sum(tf.square(kernel), axis=axes,
                                      keepdims=True))

@@ -51,6 +51,10 @@ def _batch_norm_swish_training(x, gamma, beta, epsilon):
 
     @tf.custom_gradient
     def forward(x, gamma, beta):
+        if tf.executing_eagerly():
+            # An eager tape records a custom gradient's forward ops too and
+            # would keep BN(x) for Swish; the forward's inputs cut them off.
+            x, gamma, beta = [tf.stop_gradient(t) for t in (x, gamma, beta)]
         y, mean, unbiased, *reserve = tf.raw_ops.FusedBatchNormV3(
             x=x, scale=gamma, offset=beta, mean=tf.zeros([0]),
             variance=tf.zeros([0]), epsilon=epsilon, is_training=True)

@@ -248,6 +248,10 @@ class RuntimeConfig:
         (each residual cell) or `groups` (the cells of each latent group
         as one segment). Same loss and gradients; less memory, more time
         (docs: BUILD.md "Memory per image").
+      run_eagerly: run the training step op by op instead of as a traced
+        `tf.function` (Keras' `run_eagerly`): for models so large that the
+        traced graph costs more host memory than their activations (with
+        `remat`); slower per step on small models.
       extend_run: resume although the run length (epochs, max_steps,
         steps_per_epoch, or the batches per pass) differs from the saved
         one, e.g. to extend a finished run. The LR cosine and the KL
@@ -265,6 +269,7 @@ class RuntimeConfig:
     grappler: str = "auto"
     require_checkpoint: bool = False
     remat: str = "none"
+    run_eagerly: bool = False
     extend_run: bool = False
 
     def __post_init__(self):
@@ -279,7 +284,7 @@ class RuntimeConfig:
             if getattr(self, name) not in choices:
                 fail(name, f"one of {', '.join(choices)}")
         for name in ("jit_compile", "sync_batchnorm", "require_checkpoint",
-                     "extend_run"):
+                     "run_eagerly", "extend_run"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if not isinstance(self.num_cpu_devices, int) or \

@@ -247,6 +247,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                   "keeping them: none, cells (each residual cell) or groups "
                   "(each latent group's cells). Same step, less memory, "
                   "more time; see BUILD.md, 'Memory per image'.", **fv)
+    f.DEFINE_bool("run_eagerly", False,
+                  "Run the training step op by op instead of tracing it "
+                  "(Keras' run_eagerly): for models whose traced graph "
+                  "costs more host memory than their activations (the "
+                  "256x256 ones, with --remat); slower for small models.",
+                  **fv)
     f.DEFINE_integer("checkpoint_every_steps", 0,
                      "Checkpoint every N steps; 0: every epoch.", **fv)
     f.DEFINE_integer("keep_checkpoints", 5, "Checkpoints kept.", **fv)
@@ -453,7 +459,7 @@ def from_flags(fv: flags.FlagValues = flags.FLAGS) -> ExperimentConfig:
             jit_compile=fv.jit_compile, num_cpu_devices=fv.num_cpu_devices,
             sync_batchnorm=fv.sync_batchnorm, grappler=fv.grappler,
             require_checkpoint=fv.cont_training, remat=fv.remat,
-            extend_run=fv.extend_run))
+            run_eagerly=fv.run_eagerly, extend_run=fv.extend_run))
         return ExperimentConfig.for_model(
             model, objective=objective, train=train, runtime=runtime,
             data=dict(data_dir=fv.data_dir, batch_size=fv.batch_size,

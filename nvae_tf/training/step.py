@@ -98,6 +98,9 @@ class StepOptions:
       float16: scale the loss with the dynamic loss scale (official
         GradScaler) and unscale the gradients.
       jit_compile: compile the per-replica step with XLA.
+      run_eagerly: run the step as Python, op by op, instead of tracing it
+        into a `tf.function`: no graph is built or held, which for a huge
+        model costs less host memory than the traced graph (same math).
       debug_inject_nan_at_step: test hook; if >= 0 the loss is NaN at steps
         [N, N + nan_patience) until the first NaN recovery.
       nan_patience: see `debug_inject_nan_at_step`.
@@ -105,6 +108,7 @@ class StepOptions:
 
     float16: bool = False
     jit_compile: bool = False
+    run_eagerly: bool = False
     debug_inject_nan_at_step: int = -1
     nan_patience: int = 10
 
@@ -113,6 +117,7 @@ class StepOptions:
         """The options of a `TrainConfig` and a `RuntimeConfig`."""
         return cls(float16=runtime.mixed_precision == "float16",
                    jit_compile=runtime.jit_compile,
+                   run_eagerly=runtime.run_eagerly,
                    debug_inject_nan_at_step=train.debug_inject_nan_at_step,
                    nan_patience=train.nan_patience)
 
@@ -244,9 +249,10 @@ def make_train_step(strategy, model, optimizer, schedule, objective,
       options: the `StepOptions`.
 
     Returns:
-      A `tf.function` `train_step(iterator)` that takes the next (global,
-      distributed) batch of `iterator`, runs one step and returns a dict of
-      scalar metrics (loss, its parts, learning_rate, finite, counters).
+      A `tf.function` `train_step(iterator)` (the plain Python function with
+      `options.run_eagerly`) that takes the next (global, distributed) batch
+      of `iterator`, runs one step and returns a dict of scalar metrics
+      (loss, its parts, learning_rate, finite, counters).
     """
     replica_step = make_replica_step(model, objective, noise_fn, options)
     c = counters
@@ -268,6 +274,8 @@ def make_train_step(strategy, model, optimizer, schedule, objective,
         c.step.assign_add(1)
         return metrics
 
+    if options.run_eagerly:
+        return train_step
     return tf.function(train_step)
 
 

@@ -154,7 +154,8 @@ def _loss_and_grads(model, x, eps, objective, compiled):
     return loss, grads
 
 
-@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("compiled", [
+    pytest.param(True, marks=pytest.mark.slow), False])
 def test_fast_path_loss_and_gradients_match_plain_path(compiled):
     """Default path (compiled or eager) vs plain ops run eagerly.
 
@@ -275,8 +276,8 @@ def test_worker_command_round_trips_the_options():
         assert getattr(worker, name) == getattr(args, name), name
 
 
-@pytest.mark.parametrize("shards, weights", [(2, "constant"),
-                                             (1, "variables")])
+@pytest.mark.parametrize("shards, weights", [
+    pytest.param(2, "constant", marks=pytest.mark.slow), (1, "variables")])
 def test_cli_smoke_on_tiny_config(shards, weights):
     """Two timed steps, one repeat: one JSON line with the documented keys.
 

@@ -84,3 +84,12 @@ def test_report_of_a_step_adds_up():
     # tensors the runtime keeps (a few kB).
     assert abs(plain["state_bytes"] - cells["state_bytes"]) <= \
         STATE_TOLERANCE * plain["state_bytes"]
+
+
+def test_run_eagerly_reaches_the_worker():
+    args = memory.parse_args(["--config=tiny", "--run_eagerly"])
+    assert args.run_eagerly
+    assert "--run_eagerly" in memory._worker_command(args, "tiny", "cells")
+    args = memory.parse_args(["--config=tiny"])
+    assert not args.run_eagerly
+    assert "--run_eagerly" not in memory._worker_command(args, "tiny", "none")

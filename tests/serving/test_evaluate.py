@@ -290,6 +290,7 @@ def test_cli_modes(fashion_model_dir, tmp_path, mode):
     assert png.shape == expected
 
 
+@pytest.mark.slow
 def test_evaluate_and_export_share_the_bn_cache_by_default(
         fashion_model_dir, tmp_path):
     """`evaluate --readjust_bn` and `export --readjust_bn` use the same
