@@ -758,7 +758,7 @@ def run_sample(loaded):
 
 def run_reconstruct(loaded):
     model = loaded.model
-    eval_ds, _ = _eval_dataset(loaded.experiment)
+    eval_ds, _, _ = _eval_dataset(loaded.experiment)
     x = take_images(eval_ds, FLAGS.num_images)
     recon = inference.reconstruct(model, x).numpy()
     columns = FLAGS.grid_columns or min(8, len(x))
@@ -770,7 +770,7 @@ def run_reconstruct(loaded):
 
 def run_interpolate(loaded):
     model = loaded.model
-    eval_ds, _ = _eval_dataset(loaded.experiment)
+    eval_ds, _, _ = _eval_dataset(loaded.experiment)
     x = take_images(eval_ds, 2 * FLAGS.num_pairs)
     x_start, x_end = x[0::2], x[1::2]
     paths = inference.interpolate(model, x_start, x_end,
