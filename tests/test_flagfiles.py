@@ -12,8 +12,8 @@ from nvae_tf import flagfiles
 from nvae_tf.training import flags as nvae_flags
 from tests.training import helpers as train_helpers
 
-PRESETS = ["celeba64", "celebahq256", "cifar10", "ffhq256", "imagenet32",
-           "mnist", "quickstart"]
+PRESETS = ["celeba64", "celebahq256", "cifar10", "fashion_mnist", "ffhq256",
+           "imagenet32", "mnist", "quickstart"]
 QUICKSTART = os.path.join(flagfiles.FLAGFILE_DIR, "quickstart.cfg")
 
 
