@@ -21,6 +21,8 @@ python -m nvae_tf.evaluate --model_dir="$RUN" --mode=reconstruct \
     --num_images=32 --output="$OUT/reconstructions.png"
 python -m nvae_tf.evaluate --model_dir="$RUN" --mode=interpolate \
     --num_pairs=4 --num_steps=8 --output="$OUT/interpolation.png"
+python -m nvae_tf.evaluate --saved_model="$MODEL" --mode=nll --num_iw_samples=1 \
+    --output="$OUT/test_nelbo.json"
 python -m nvae_tf.evaluate --saved_model="$MODEL" --mode=nll \
     --num_iw_samples=1000 --output="$OUT/iw_nll.json"
 python docs/model_card/signature_figures.py "$MODEL" "$OUT/figures.json"
