@@ -104,3 +104,32 @@ def test_seeded_samples_are_deterministic(client_result):
     assert result["sample_shape"] == [4, 28, 28, 1]
     assert result["sample_dtype"] == "uint8"
     assert result["same_seed_identical"] and result["other_seed_differs"]
+
+
+def _sampling_snippet(readme):
+    """The ```python block of `readme` that loads the shipped model."""
+    with open(os.path.join(ROOT, readme)) as f:
+        blocks = f.read().split("```python\n")[1:]
+    snippets = [b.split("```")[0] for b in blocks
+                if "saved_models/fashion_mnist/1" in b]
+    assert len(snippets) == 1, f"{readme}: {len(snippets)} sampling blocks"
+    return snippets[0]
+
+
+def test_readme_sampling_lines_run_without_nvae_tf(tmp_path):
+    snippet = _sampling_snippet("README.md")
+    assert snippet == _sampling_snippet(os.path.join("saved_models",
+                                                     "README.md"))
+    assert len(snippet.strip().splitlines()) == 3
+    script = tmp_path / "readme_sample.py"
+    script.write_text(
+        snippet + "print(images.shape.as_list(), images.dtype.name)\n")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    # cwd is the repository (the snippet's relative path), -I keeps it off
+    # sys.path, so nvae_tf is not importable.
+    process = subprocess.run(
+        [sys.executable, "-I", str(script)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=TIMEOUT)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.strip().splitlines()[-1] == "[16, 28, 28, 1] uint8"

@@ -25,4 +25,4 @@ python -m nvae_tf.evaluate --saved_model="$MODEL" --mode=nll --num_iw_samples=1 
     --output="$OUT/test_nelbo.json"
 python -m nvae_tf.evaluate --saved_model="$MODEL" --mode=nll \
     --num_iw_samples=1000 --output="$OUT/iw_nll.json"
-python docs/model_card/signature_figures.py "$MODEL" "$OUT/figures.json"
+PYTHONPATH=. python docs/model_card/signature_figures.py "$MODEL" "$OUT/figures.json"

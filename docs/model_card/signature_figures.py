@@ -2,26 +2,23 @@
 signature: mean NELBO of the first NUM_IMAGES Fashion-MNIST test images
 (file order), which tests/test_shipped_model.py checks a fresh client gets.
 
-    python docs/model_card/signature_figures.py SAVED_MODEL FIGURES_JSON
+    PYTHONPATH=. python docs/model_card/signature_figures.py SAVED_MODEL FIGURES_JSON
 """
 
-import gzip
 import json
 import sys
 
 import numpy as np
 import tensorflow as tf
 
-TEST_IMAGES = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+from nvae_tf import data
+
 NUM_IMAGES = 200
 BATCH_SIZE = 100
-IDX_HEADER_BYTES = 16
 
 
 def main(saved_model, figures_path):
-    with gzip.open(TEST_IMAGES) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=IDX_HEADER_BYTES
-                               ).reshape(-1, 28, 28, 1)[:NUM_IMAGES]
+    images = data.load_fashion_mnist()[1][:NUM_IMAGES]
     log_likelihood = tf.saved_model.load(saved_model).signatures[
         "log_likelihood"]
     outs = [log_likelihood(images=tf.constant(images[i:i + BATCH_SIZE]))
