@@ -33,6 +33,8 @@ their function with the loaded weights as constants
 - `nll --saved_model=DIR`: the same estimate through the export's
   `log_weights` signature (same noise, same numbers), on the dataset and
   data settings recorded in its metadata; the result goes to --output.
+  Its batch shards were fixed at export (`inference_shards` in its
+  metadata); the process takes the threads that pair with them.
 - `nll` survives interruptions: after every batch, its float64 running sums
   and the settings that pin its numbers (weights or export fingerprint,
   dataset, split, seed, K, samples per pass, batch size, --max_images) are
@@ -543,7 +545,8 @@ def define_flags():
         "nll/sample: cut every batch into this many parts that run on their "
         "own core (1 intra-op thread, this many inter-op threads; same "
         "results). 0: one per CPU core on a CPU-only host, 1 where a GPU or "
-        "TPU is visible; 1: off (TensorFlow's threads).",
+        "TPU is visible; 1: off (TensorFlow's threads). With --saved_model: "
+        "the shards it was exported with (fixed in its graph).",
         lower_bound=0)
     flags.DEFINE_bool(
         "constant_weights", True,
@@ -661,9 +664,10 @@ def saved_model_fingerprint(export_dir: str) -> str:
     return digest.hexdigest()
 
 
-def load_saved_model(export_dir: str):
-    """(`log_weights` signature, export metadata, `ExperimentConfig` of
-    the model and data recorded in it) of an nvae_tf SavedModel."""
+def saved_model_metadata(export_dir: str) -> dict:
+    """The export record (`assets.extra/nvae_tf_export.json`) of an nvae_tf
+    SavedModel. Reads a file only, so it may run before TensorFlow's runtime
+    starts (while its threads can still be set)."""
     from nvae_tf.serving import export  # pylint: disable=import-outside-toplevel
     meta_path = os.path.join(export_dir, export.METADATA_FILE)
     if not tf.io.gfile.exists(meta_path):
@@ -671,7 +675,29 @@ def load_saved_model(export_dir: str):
             f"{meta_path} is missing: --saved_model must be an nvae_tf "
             "export (`python -m nvae_tf.export`).")
     with tf.io.gfile.GFile(meta_path) as f:
-        metadata = json.loads(f.read())
+        return json.loads(f.read())
+
+
+def saved_model_shards(metadata: dict) -> int:
+    """The batch shards traced into an export's signatures (1 for exports
+    that do not record them). They are fixed at export: the evaluating
+    process only picks the threads that pair with them."""
+    shards = int(metadata.get("inference_shards", 1))
+    if FLAGS["inference_shards"].present and \
+            FLAGS.inference_shards != shards:
+        raise cli_lib.UserError(
+            f"--inference_shards={FLAGS.inference_shards}: the signatures of "
+            f"--saved_model={FLAGS.saved_model} were exported with "
+            f"{shards} shard(s), fixed in its graph; drop the flag, or export "
+            "again with `python -m nvae_tf.export "
+            f"--inference_shards={FLAGS.inference_shards}`.")
+    return shards
+
+
+def load_saved_model(export_dir: str):
+    """(`log_weights` signature, export metadata, `ExperimentConfig` of
+    the model and data recorded in it) of an nvae_tf SavedModel."""
+    metadata = saved_model_metadata(export_dir)
     if "log_weights" not in metadata.get("signatures", []):
         raise cli_lib.UserError(
             f"{export_dir} has no `log_weights` signature (exported by an "
@@ -834,9 +860,15 @@ def main(argv):
 def _evaluate():
     start = time.time()
     # Before the first op: threads are fixed when TensorFlow starts. Only
-    # the modes that shard their batches get the shards' threads.
-    FLAGS.inference_shards = batch_shards.resolve_shards(
-        FLAGS.inference_shards) if FLAGS.mode in SHARDED_MODES else 1
+    # the modes that shard their batches get the shards' threads; a
+    # SavedModel's shards are those it was exported with (an unsharded
+    # export on one intra-op thread would leave cores idle).
+    if FLAGS.saved_model:
+        FLAGS.inference_shards = saved_model_shards(
+            saved_model_metadata(FLAGS.saved_model))
+    else:
+        FLAGS.inference_shards = batch_shards.resolve_shards(
+            FLAGS.inference_shards) if FLAGS.mode in SHARDED_MODES else 1
     batch_shards.configure_shard_threads(FLAGS.inference_shards)
     if FLAGS.saved_model:
         logging.info("Evaluating the SavedModel %s (nll).", FLAGS.saved_model)
@@ -857,6 +889,11 @@ def _finish(result, start):
     """Adds the time and skipped files, writes the nll JSON (and drops its
     progress file), prints the result as the last line."""
     result["seconds"] = round(time.time() - start, 2)
+    # What the time ran on (0: TensorFlow's default, one thread per core).
+    result["threads"] = {
+        "inference_shards": FLAGS.inference_shards,
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     skipped = data.skipped_image_files()
     if skipped:
         result["skipped_images"] = len(skipped)

@@ -446,6 +446,10 @@ def test_cli_nll_of_a_saved_model(fashion_model, fashion_export, tmp_path):
                   "--inference_shards=1", "--output", output)
     assert result["saved_model"] == fashion_export
     assert result["checkpoint"] == "ckpt-4" and result["num_images"] == 5
+    # An unsharded export runs on TensorFlow's threads (0: one per core),
+    # not on the single intra-op thread that pairs with batch shards.
+    assert result["threads"] == {"inference_shards": 1, "intra_op": 0,
+                                 "inter_op": 0}
     assert not os.path.exists(evaluate.progress_path(output))
     with open(output) as f:
         assert json.load(f) == result
@@ -456,6 +460,23 @@ def test_cli_nll_of_a_saved_model(fashion_model, fashion_export, tmp_path):
         seed=bn_readjust.READJUST_SEED, progress=False)
     for key in ("nll_nats", "nelbo_nats"):
         assert result[key] == pytest.approx(direct[key], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_refuses_other_shards_than_the_exports(fashion_export, tmp_path):
+    """A SavedModel's shards are traced into its graph: asking for others
+    is one line that says how to get them, and nothing is written."""
+    output = str(tmp_path / "nll.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvae_tf.evaluate", "--saved_model",
+         fashion_export, "--mode=nll", "--inference_shards=2", "--output",
+         output], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: --inference_shards=2") and \
+        "exported with 1 shard(s)" in last and \
+        "nvae_tf.export --inference_shards=2" in last
+    assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow
